@@ -1,0 +1,68 @@
+"""Errors raised by jaxcombine.
+
+Every error says three things: what is wrong, where (a file, a tensor name, a
+config key) and how to fix it. They all derive from :class:`JaxcombineError`,
+so a caller can catch the library's own failures with one ``except`` clause,
+and the command line prints them without a traceback.
+
+Example::
+
+    raise TensorShapeError(
+        "tensor has the wrong shape: file has (64, 32), config.json implies (32, 64)",
+        where="tiny/model.safetensors: model.layers.0.mlp.up_proj.weight",
+        fix="check intermediate_size and hidden_size in config.json",
+    )
+"""
+
+from __future__ import annotations
+
+
+class JaxcombineError(Exception):
+    """Base class: a message, the place it concerns and how to fix it."""
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+        self.message = message
+        self.where = where
+        self.fix = fix
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.fix:
+            text += f"\n  How to fix: {self.fix}"
+        return text
+
+
+class ConfigError(JaxcombineError):
+    """A configuration (config.json, a merge YAML, keyword arguments) is invalid."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's architecture or one of its options is not supported."""
+
+
+class CheckpointError(JaxcombineError):
+    """A checkpoint directory or file is missing, unreadable, corrupted or unsafe."""
+
+
+class TensorError(CheckpointError):
+    """A named tensor is missing, unexpected, or of the wrong shape or dtype."""
+
+
+class InputError(JaxcombineError):
+    """A user input (prompt, token ids, sampling options, arguments) is invalid."""
+
+
+class OutputExistsError(JaxcombineError):
+    """An output path already exists and overwriting was not requested."""
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "JaxcombineError",
+    "OutputExistsError",
+    "TensorError",
+    "UnsupportedModelError",
+]

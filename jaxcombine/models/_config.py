@@ -1,0 +1,144 @@
+"""Configuration of the decoder family (Llama, Mistral, Qwen2).
+
+The config is a frozen, hashable dataclass: it lives in the NNX graph
+definition as static data, so two models with equal configs share compiled
+code. Reading and writing Hugging Face ``config.json`` lives in
+:mod:`jaxcombine.hf`; this module knows nothing about files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jaxcombine.errors import ConfigError
+
+RopeType = Literal["default", "linear", "llama3"]
+LayerType = Literal["full_attention", "sliding_attention"]
+
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding settings, as HF's ``rope_parameters``.
+
+    ``default``: inv_freq_i = theta^(-2i/d). ``linear``: inv_freq / factor.
+    ``llama3``: Llama 3.1's frequency-dependent scaling (long wavelengths
+    divided by ``factor``, short ones kept, a smooth ramp in between).
+    """
+
+    theta: float = 10000.0
+    type: RopeType = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """A pre-norm decoder-only transformer with RoPE, GQA and a SwiGLU MLP.
+
+    Covers HF ``llama``, ``mistral`` and ``qwen2``: ``qkv_bias`` (Qwen2,
+    Llama's ``attention_bias``), ``o_bias`` (Llama's ``attention_bias``),
+    ``mlp_bias`` (Llama), ``sliding_window`` with per-layer ``layer_types``
+    (Mistral on every layer; Qwen2 from ``max_window_layers`` on).
+    ``dropout_rate`` is residual dropout after attention and MLP; it is used
+    only when a dropout key is passed to the forward (MC dropout).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    dropout_rate: float = 0.0
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"{name} must be a positive integer, got {value!r}",
+                    where=f"config key {name!r}",
+                    fix="set it to a positive integer",
+                )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}",
+                where="config key 'num_key_value_heads'",
+                fix="grouped-query attention needs heads divisible by key/value heads",
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}",
+                where="config key 'hidden_act'",
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ConfigError(
+                f"dropout_rate must be in [0, 1), got {self.dropout_rate}",
+                where="config key 'dropout_rate'",
+            )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers",
+                    where="config key 'layer_types'",
+                    fix="give one entry per layer",
+                )
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad:
+                raise ConfigError(
+                    f"unsupported layer types {bad}; supported: full_attention, sliding_attention",
+                    where="config key 'layer_types'",
+                )
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ConfigError(
+                    "layer_types asks for sliding_attention but sliding_window is not set",
+                    where="config key 'sliding_window'",
+                    fix="set sliding_window to the window length in tokens",
+                )
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    def window_of_layer(self, layer: int) -> int | None:
+        """The sliding-window length of ``layer``, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def replace(self, **changes) -> DecoderConfig:
+        return dataclasses.replace(self, **changes)

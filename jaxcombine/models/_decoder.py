@@ -1,0 +1,261 @@
+"""A Flax NNX decoder covering HF's Llama, Mistral and Qwen2 families.
+
+Shapes use these letters: B batch, T new tokens, S cache slots, E embed
+(hidden size), H query heads, K key/value heads, D head dim, F MLP hidden,
+V vocabulary, L layers.
+
+Every block is pre-norm:
+
+    h = x + Attention(RMSNorm(x))          # RoPE on q and k, GQA, causal mask
+    y = h + W_down(silu(W_gate RMSNorm(h)) * W_up RMSNorm(h))
+
+and logits = RMSNorm(y_L) @ W_vocab (the embedding matrix when tied).
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``,
+``kv_heads``, ``head_dim``, ``mlp``) in their ``out_sharding`` metadata; a job
+maps them to mesh axes with :func:`jaxcombine.sharding.shard_model`.
+
+The KV cache is an explicit pytree (:class:`KVCache`) passed in and returned,
+so a decode loop is a pure function of ``(params, cache)``. Left-padded
+batches are supported: padding slots never become valid keys, and each row's
+RoPE positions count only its real tokens (as HF ``generate`` does).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcombine.models._config import DecoderConfig
+from jaxcombine.models._layers import Dense, Embedding, RMSNorm, dropout
+from jaxcombine.models._rope import apply_rope, inverse_frequencies
+
+
+def _activation(name: str):
+    return {
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    }[name]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for the tokens decoded so far.
+
+    Rows are aligned: slot ``next_index`` is written next in every row, and a
+    left-padded prompt leaves its padding slots invalid in ``key_valid``.
+    """
+
+    keys: tuple[jax.Array, ...]  # L x [B, S, K, D]
+    values: tuple[jax.Array, ...]  # L x [B, S, K, D]
+    key_valid: jax.Array  # [B, S] bool
+    next_index: jax.Array  # [] int32: the slot the next token goes to
+    next_position: jax.Array  # [B] int32: the RoPE position of the next token
+
+    @property
+    def max_length(self) -> int:
+        return self.key_valid.shape[1]
+
+
+def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache with ``max_length`` slots per row."""
+    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(
+        keys=zeros,
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        key_valid=jnp.zeros((batch, max_length), bool),
+        next_index=jnp.zeros((), jnp.int32),
+        next_position=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+class DecoderOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V]
+    hidden: jax.Array  # [B, T, E], after the final norm
+    cache: KVCache | None
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE (Ainslie et al. 2023, arXiv:2305.13245)."""
+
+    def __init__(self, config: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        E, H, K, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = Dense(
+            (E, H, D), ("embed", "heads", "head_dim"), config.qkv_bias, dtype=dtype, rngs=rngs
+        )
+        self.k_proj = Dense(
+            (E, K, D), ("embed", "kv_heads", "head_dim"), config.qkv_bias, dtype=dtype, rngs=rngs
+        )
+        self.v_proj = Dense(
+            (E, K, D), ("embed", "kv_heads", "head_dim"), config.qkv_bias, dtype=dtype, rngs=rngs
+        )
+        self.o_proj = Dense(
+            (H, D, E),
+            ("heads", "head_dim", "embed"),
+            config.o_bias,
+            dtype=dtype,
+            rngs=rngs,
+            in_dims=2,
+        )
+        self.inv_freq = tuple(inverse_frequencies(config.rope, D).tolist())  # static
+
+    def __call__(self, x, positions, mask, cache_kv, start):
+        """x [B, T, E], positions [B, T], mask [B, T, S]; returns (y [B, T, E], (k, v))."""
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        q = apply_rope(self.q_proj(x), positions, inv_freq)  # [B, T, H, D]
+        k = apply_rope(self.k_proj(x), positions, inv_freq)  # [B, T, K, D]
+        v = self.v_proj(x)  # [B, T, K, D]
+        if cache_kv is not None:
+            k = jax.lax.dynamic_update_slice(
+                cache_kv[0], k.astype(cache_kv[0].dtype), (0, start, 0, 0)
+            )  # [B, S, K, D]
+            v = jax.lax.dynamic_update_slice(
+                cache_kv[1], v.astype(cache_kv[1].dtype), (0, start, 0, 0)
+            )
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None]
+        )  # [B, T, H, D]
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward (Shazeer 2020, arXiv:2002.05202): down(act(gate x) * up x)."""
+
+    def __init__(self, config: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        E, F = config.hidden_size, config.intermediate_size
+        self.act = _activation(config.hidden_act)
+        self.gate_proj = Dense((E, F), ("embed", "mlp"), config.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Dense((E, F), ("embed", "mlp"), config.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Dense((F, E), ("mlp", "embed"), config.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs
+        )
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs
+        )
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache_kv, start, dropout):
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, start)
+        x = x + dropout(attn)
+        x = x + dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x, kv
+
+
+class Decoder(nnx.Module):
+    """The decoder-only language model.
+
+    Example::
+
+        config = DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+        model = Decoder(config, rngs=nnx.Rngs(0))
+        logits = model(jnp.array([[1, 2, 3]])).logits        # [1, 3, 256]
+    """
+
+    def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        E, V = config.hidden_size, config.vocab_size
+        self.embed_tokens = Embedding(V, E, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(E, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Dense((E, V), ("embed", "vocab"), False, dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        token_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> DecoderOutput:
+        """Run ``tokens`` [B, T] through the model.
+
+        Args:
+          tokens: token ids [B, T].
+          token_mask: [B, T], True for real tokens, False for (left) padding.
+          cache: if given, the tokens are appended at ``cache.next_index`` and
+            attend to everything cached; the updated cache is returned.
+          dropout_key: a PRNG key turns on residual dropout at
+            ``config.dropout_rate`` (MC dropout); without it the model is
+            deterministic.
+        """
+        config = self.config
+        B, T = tokens.shape
+        if token_mask is None:
+            token_mask = jnp.ones((B, T), bool)
+        token_mask = token_mask.astype(bool)
+        offsets = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)  # [B, T]
+        if cache is None:
+            start = jnp.zeros((), jnp.int32)
+            positions = offsets
+            key_valid = token_mask  # [B, S=T]
+        else:
+            start = cache.next_index
+            positions = cache.next_position[:, None] + offsets
+            key_valid = jax.lax.dynamic_update_slice(cache.key_valid, token_mask, (0, start))
+        query_slot = start + jnp.arange(T)  # [T]
+        key_slot = jnp.arange(key_valid.shape[1])  # [S]
+        causal = key_slot[None, :] <= query_slot[:, None]  # [T, S]
+        masks = {}
+
+        def mask_for(window):
+            if window not in masks:
+                allowed = causal
+                if window is not None:
+                    allowed = allowed & (key_slot[None, :] > query_slot[:, None] - window)
+                masks[window] = key_valid[:, None, :] & allowed[None]  # [B, T, S]
+            return masks[window]
+
+        dropout = _dropout_fn(config.dropout_rate, dropout_key, 2 * config.num_layers)
+        x = self.embed_tokens(tokens)  # [B, T, E]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v) = layer(
+                x, positions, mask_for(config.window_of_layer(i)), cache_kv, start, dropout
+            )
+            new_keys.append(k)
+            new_values.append(v)
+        hidden = self.norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("bte,ve->btv", hidden, self.embed_tokens.embedding[...])
+        else:
+            logits = self.lm_head(hidden)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(
+                keys=tuple(new_keys),
+                values=tuple(new_values),
+                key_valid=key_valid,
+                next_index=start + T,
+                next_position=cache.next_position + token_mask.sum(axis=1, dtype=jnp.int32),
+            )
+        return DecoderOutput(logits=logits, hidden=hidden, cache=new_cache)
+
+
+def _dropout_fn(rate: float, key: jax.Array | None, count: int):
+    """A function applying inverted dropout with a fresh key per call, or the identity."""
+    if key is None or rate == 0.0:
+        return lambda x: x
+    keys = iter(jax.random.split(key, count))
+    return lambda x: dropout(x, rate, next(keys))
