@@ -1,0 +1,216 @@
+"""Load a Hugging Face model directory into the NNX decoder, and write one back.
+
+Loading checks everything that the headers can tell before reading any tensor
+data: the config, every expected tensor's presence and shape, unexpected
+tensors. Tensors are then read one at a time (memory-mapped), laid out for the
+model and placed on devices; with a mesh, each device receives only its shard.
+Writing goes to a temporary directory renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jaxcombine._fs import atomic_directory
+from jaxcombine.errors import TensorError
+from jaxcombine.hf._config import config_from_hf, config_to_hf, read_hf_config
+from jaxcombine.hf._names import TensorMap, decoder_tensor_maps, is_recomputed_buffer
+from jaxcombine.hf._safetensors import (
+    SafetensorsCheckpoint,
+    parse_size,
+    require_model_dir,
+    write_shards,
+)
+from jaxcombine.models import Decoder, DecoderConfig
+from jaxcombine.sharding import DEFAULT_RULES, Rules, state_shardings
+
+# Files copied from a source directory next to the written weights.
+SIDECAR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def load_config(model_dir: str | os.PathLike, **overrides) -> DecoderConfig:
+    """The :class:`DecoderConfig` of an HF model directory (keyword overrides applied)."""
+    path = require_model_dir(model_dir)
+    config = config_from_hf(read_hf_config(path), where=str(path / "config.json"))
+    return config.replace(**overrides) if overrides else config
+
+
+def _check_tensors(
+    ckpt: SafetensorsCheckpoint, maps: list[TensorMap], config: DecoderConfig
+) -> None:
+    """Every expected tensor present with its shape; nothing unexpected."""
+    expected = {m.hf_name for m in maps}
+    missing = [m.hf_name for m in maps if m.hf_name not in ckpt.infos]
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise TensorError(
+            f"{len(missing)} tensor(s) that config.json requires are missing: {shown}",
+            where=str(ckpt.dir),
+            fix="check that config.json belongs to these weights (num_hidden_layers, "
+            "tie_word_embeddings, biases)",
+        )
+    allowed = set(expected)
+    if config.tie_word_embeddings:
+        allowed.add("lm_head.weight")  # checked equal to the embedding on load
+    unexpected = sorted(n for n in ckpt.infos if n not in allowed and not is_recomputed_buffer(n))
+    if unexpected:
+        raise TensorError(
+            f"{len(unexpected)} tensor(s) not used by a {config.model_type} model: "
+            + ", ".join(unexpected[:8]),
+            where=str(ckpt.dir),
+            fix="check model_type and the layer count in config.json; jaxcombine does not "
+            "skip tensors silently",
+        )
+    for m in maps:
+        info = ckpt.infos[m.hf_name]
+        if info.shape != m.hf_shape:
+            raise TensorError(
+                f"shape {info.shape} in the file disagrees with {m.hf_shape} implied by "
+                "config.json",
+                where=f"{info.file}: {m.hf_name}",
+                fix="check hidden_size, intermediate_size, head counts and vocab_size in "
+                "config.json",
+            )
+        if not np.issubdtype(info.dtype, np.floating) and info.dtype.name != "bfloat16":
+            raise TensorError(
+                f"expected a floating-point tensor, found {info.dtype}",
+                where=f"{info.file}: {m.hf_name}",
+            )
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    *,
+    dtype=None,
+    dropout_rate: float = 0.0,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+) -> Decoder:
+    """Build a :class:`~jaxcombine.models.Decoder` from an HF model directory.
+
+    Args:
+      model_dir: a directory with ``config.json`` and ``model.safetensors`` (or
+        shards with ``model.safetensors.index.json``).
+      dtype: parameter and compute dtype; default: the checkpoint's
+        (the embedding's dtype).
+      dropout_rate: residual dropout, used only when a dropout key is passed
+        to the forward (MC dropout).
+      mesh, rules: place each parameter on ``mesh`` by its logical axes; each
+        device receives only its shard.
+
+    Example::
+
+        model = load_model("tiny-llama")
+        logits = model(jnp.array([[1, 5, 9]])).logits
+    """
+    path = require_model_dir(model_dir)
+    config = load_config(path, dropout_rate=dropout_rate)
+    maps = decoder_tensor_maps(config)
+    with SafetensorsCheckpoint(path) as ckpt:
+        _check_tensors(ckpt, maps, config)
+        if dtype is None:
+            dtype = ckpt.infos["model.embed_tokens.weight"].dtype
+        dtype = jnp.dtype(dtype)
+        abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
+        values = {}
+        for m in maps:
+            array = m.to_model(ckpt.read(m.hf_name)).astype(dtype)
+            values[m.path] = _place(array, None if shardings is None else shardings[m.path])
+        if config.tie_word_embeddings and "lm_head.weight" in ckpt.infos:
+            head = ckpt.read("lm_head.weight")
+            if not np.array_equal(head, ckpt.read("model.embed_tokens.weight")):
+                raise TensorError(
+                    "config.json sets tie_word_embeddings=true but lm_head.weight differs "
+                    "from model.embed_tokens.weight",
+                    where=str(ckpt.dir),
+                    fix="set tie_word_embeddings to false in config.json",
+                )
+    flat = [(p, v.replace(values[p])) for p, v in nnx.to_flat_state(abstract_state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _place(array: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _to_host(value: jax.Array) -> np.ndarray:
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
+def hf_tensors(model: Decoder, dtype=None):
+    """The model's parameters as (HF name, numpy array) pairs, one at a time."""
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for m in decoder_tensor_maps(model.config):
+        array = m.to_hf(_to_host(state[m.path].get_value()))
+        yield m.hf_name, array if dtype is None else array.astype(dtype)
+
+
+def save_model(
+    model: Decoder,
+    out_dir: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as an HF directory that ``transformers`` loads.
+
+    The directory gets ``config.json`` (``source_dir``'s config with this
+    model's architecture fields, or a fresh one), safetensors shards of at most
+    ``max_shard_size`` with an index when there are several, and the tokenizer
+    and generation files of ``source_dir``. It appears only when complete. In a
+    multi-process job every process must call this; process 0 writes.
+
+    Args:
+      dtype: "float32", "bfloat16" or "float16"; default: the parameters' dtype.
+    """
+    base = read_hf_config(source_dir) if source_dir is not None else None
+    param_dtype = model.embed_tokens.embedding.get_value().dtype
+    out_dtype = jnp.dtype(_DTYPE_NAMES[dtype]) if dtype is not None else jnp.dtype(param_dtype)
+    tensors = hf_tensors(model, out_dtype)
+    out = Path(out_dir)
+    if jax.process_index() != 0:
+        for _ in tensors:  # take part in the gathers of sharded parameters
+            pass
+        return out
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_shards(tensors, tmp, max_shard_bytes=parse_size(max_shard_size))
+        hf = config_to_hf(model.config, base=base, dtype=out_dtype.name)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+        if source_dir is not None:
+            for name in SIDECAR_FILES:
+                if (Path(source_dir) / name).exists():
+                    shutil.copy2(Path(source_dir) / name, tmp / name)
+    return out

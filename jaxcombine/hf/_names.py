@@ -1,0 +1,120 @@
+"""Tensor names and layouts: HF checkpoints <-> the NNX decoder's parameter paths.
+
+HF stores ``nn.Linear`` weights as [out, in]; the NNX decoder keeps kernels
+as [in, out] with the head axes split out, so attention is sharded by head:
+
+    q_proj.weight [H*D, E]  <->  self_attn/q_proj/kernel [E, H, D]
+    k_proj.weight [K*D, E]  <->  self_attn/k_proj/kernel [E, K, D]
+    o_proj.weight [E, H*D]  <->  self_attn/o_proj/kernel [H, D, E]
+    gate_proj.weight [F, E] <->  mlp/gate_proj/kernel [E, F]
+    lm_head.weight [V, E]   <->  lm_head/kernel [E, V]
+
+Every map is a transpose and a reshape, so the round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxcombine.models import DecoderConfig
+
+Path = tuple  # an NNX state path, e.g. ("layers", 0, "self_attn", "q_proj", "kernel")
+
+# Buffers some older checkpoints carry that the model recomputes; read and checked
+# to exist only by name, never used.
+RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
+
+
+class TensorMap(NamedTuple):
+    hf_name: str
+    path: Path
+    hf_shape: tuple[int, ...]
+    to_model: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+    return x
+
+
+def _linear(hf_name, path, out_shape, in_shape) -> TensorMap:
+    """An HF [prod(out), prod(in)] weight <-> a kernel [*in, *out]."""
+    n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
+    return TensorMap(
+        hf_name,
+        path,
+        (n_out, n_in),
+        lambda w: w.T.reshape(*in_shape, *out_shape),
+        lambda k: k.reshape(n_in, n_out).T,
+    )
+
+
+def _vector(hf_name, path, shape) -> TensorMap:
+    size = int(np.prod(shape))
+    return TensorMap(hf_name, path, (size,), lambda b: b.reshape(shape), lambda b: b.reshape(size))
+
+
+def decoder_tensor_maps(config: DecoderConfig) -> list[TensorMap]:
+    """Every tensor of an HF checkpoint of ``config``, in the checkpoint's usual order."""
+    E, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    H, K, D = config.num_heads, config.num_kv_heads, config.head_dim
+    maps = [
+        TensorMap(
+            "model.embed_tokens.weight", ("embed_tokens", "embedding"), (V, E), _identity, _identity
+        )
+    ]
+    for i in range(config.num_layers):
+        hf = f"model.layers.{i}."
+        nnx = ("layers", i)
+        attn = nnx + ("self_attn",)
+        maps += [
+            TensorMap(
+                hf + "input_layernorm.weight",
+                nnx + ("input_layernorm", "scale"),
+                (E,),
+                _identity,
+                _identity,
+            ),
+            _linear(hf + "self_attn.q_proj.weight", attn + ("q_proj", "kernel"), (H, D), (E,)),
+            _linear(hf + "self_attn.k_proj.weight", attn + ("k_proj", "kernel"), (K, D), (E,)),
+            _linear(hf + "self_attn.v_proj.weight", attn + ("v_proj", "kernel"), (K, D), (E,)),
+            _linear(hf + "self_attn.o_proj.weight", attn + ("o_proj", "kernel"), (E,), (H, D)),
+        ]
+        if config.qkv_bias:
+            maps += [
+                _vector(hf + "self_attn.q_proj.bias", attn + ("q_proj", "bias"), (H, D)),
+                _vector(hf + "self_attn.k_proj.bias", attn + ("k_proj", "bias"), (K, D)),
+                _vector(hf + "self_attn.v_proj.bias", attn + ("v_proj", "bias"), (K, D)),
+            ]
+        if config.o_bias:
+            maps.append(_vector(hf + "self_attn.o_proj.bias", attn + ("o_proj", "bias"), (E,)))
+        maps.append(
+            TensorMap(
+                hf + "post_attention_layernorm.weight",
+                nnx + ("post_attention_layernorm", "scale"),
+                (E,),
+                _identity,
+                _identity,
+            )
+        )
+        for name, out_dim, in_dim in (("gate_proj", F, E), ("up_proj", F, E), ("down_proj", E, F)):
+            maps.append(
+                _linear(
+                    hf + f"mlp.{name}.weight", nnx + ("mlp", name, "kernel"), (out_dim,), (in_dim,)
+                )
+            )
+            if config.mlp_bias:
+                maps.append(
+                    _vector(hf + f"mlp.{name}.bias", nnx + ("mlp", name, "bias"), (out_dim,))
+                )
+    maps.append(TensorMap("model.norm.weight", ("norm", "scale"), (E,), _identity, _identity))
+    if not config.tie_word_embeddings:
+        maps.append(_linear("lm_head.weight", ("lm_head", "kernel"), (V,), (E,)))
+    return maps
+
+
+def is_recomputed_buffer(hf_name: str) -> bool:
+    return hf_name.endswith(RECOMPUTED_BUFFERS)

@@ -1,0 +1,306 @@
+"""Safetensors checkpoints: index from headers, read one tensor at a time, write shards.
+
+A model directory holds either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. :class:`SafetensorsCheckpoint` opens every
+file (memory-mapped by the ``safetensors`` library), validates the headers and
+collects each tensor's name, shape and dtype *without reading tensor data*, so
+all checks happen before heavy work. Pickle checkpoints are refused: nothing
+is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxcombine.errors import CheckpointError, TensorError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(bool),
+}
+
+_CONVERT_HINT = (
+    "convert it to safetensors in a trusted environment, e.g. "
+    '`python -c "from transformers import AutoModelForCausalLM as M; '
+    "M.from_pretrained('IN').save_pretrained('OUT')\"` (transformers writes safetensors)"
+)
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    file: Path
+
+
+def require_model_dir(model_dir: str | os.PathLike) -> Path:
+    """The path as a directory, or a :class:`CheckpointError` that says how to get one."""
+    path = Path(model_dir)
+    if not path.exists():
+        fix = "pass the path of a local model directory"
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model_dir)):
+            fix = (
+                "this looks like a Hugging Face hub id; download it first, e.g. "
+                f"`huggingface-cli download {model_dir} --local-dir ./{path.name}`, "
+                "and pass the local directory"
+            )
+        raise CheckpointError("model directory does not exist", where=str(model_dir), fix=fix)
+    if not path.is_dir():
+        raise CheckpointError(
+            "expected a model directory, found a file",
+            where=str(path),
+            fix="pass the directory that holds config.json",
+        )
+    return path
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="np")
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"corrupted or truncated safetensors file ({e})",
+            where=str(file),
+            fix="download or copy the file again; its header does not match its contents",
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot open file ({e})", where=str(file)) from None
+
+
+class SafetensorsCheckpoint:
+    """The tensors of one model directory, indexed from the file headers only.
+
+    Example::
+
+        with SafetensorsCheckpoint("tiny-llama") as ckpt:
+            print(ckpt.infos["model.norm.weight"].shape)
+            w = ckpt.read("model.norm.weight")              # one tensor, numpy
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = require_model_dir(model_dir)
+        files = self._files()
+        self._handles = {}
+        self.infos: dict[str, TensorInfo] = {}
+        try:
+            for file in files:
+                handle = _open(file)
+                self._handles[file] = handle
+                for name in handle.keys():
+                    if name in self.infos:
+                        raise CheckpointError(
+                            f"tensor {name!r} appears in two files "
+                            f"({self.infos[name].file.name} and {file.name})",
+                            where=str(self.dir),
+                            fix="remove the stale shard or fix the index",
+                        )
+                    view = handle.get_slice(name)
+                    dtype = _DTYPES.get(view.get_dtype())
+                    if dtype is None:
+                        raise TensorError(
+                            f"unsupported dtype {view.get_dtype()}; supported: "
+                            f"{', '.join(_DTYPES)}",
+                            where=f"{file}: {name}",
+                        )
+                    self.infos[name] = TensorInfo(name, tuple(view.get_shape()), dtype, file)
+            self._check_index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _files(self) -> list[Path]:
+        index = self.dir / INDEX_FILE
+        if index.exists():
+            self._index = _read_json(index)
+            weight_map = self._index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(
+                    "index has no 'weight_map'",
+                    where=str(index),
+                    fix="regenerate the index with save_pretrained",
+                )
+            files = sorted({self.dir / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(
+                    f"shards named in the index are missing: {missing}",
+                    where=str(index),
+                    fix="copy the missing shard files",
+                )
+            return files
+        self._index = None
+        single = self.dir / SINGLE_FILE
+        if single.exists():
+            return [single]
+        pickles = [name for name in PICKLE_FILES if (self.dir / name).exists()]
+        if pickles:
+            raise CheckpointError(
+                f"only a pickle checkpoint ({pickles[0]}) was found; jaxcombine never "
+                "unpickles files, since loading a pickle can run arbitrary code",
+                where=str(self.dir),
+                fix=_CONVERT_HINT,
+            )
+        raise CheckpointError(
+            f"no {SINGLE_FILE} or {INDEX_FILE} found",
+            where=str(self.dir),
+            fix="point at a Hugging Face model directory saved with safetensors",
+        )
+
+    def _check_index(self) -> None:
+        if self._index is None:
+            return
+        for name, file in self._index["weight_map"].items():
+            info = self.infos.get(name)
+            if info is None or info.file.name != file:
+                raise CheckpointError(
+                    f"the index puts tensor {name!r} in {file}, which does not hold it",
+                    where=str(self.dir / INDEX_FILE),
+                    fix="regenerate the index or copy the right shard",
+                )
+
+    def read(self, name: str) -> np.ndarray:
+        """Read one tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``)."""
+        info = self.infos.get(name)
+        if info is None:
+            raise TensorError(f"no tensor named {name!r}", where=str(self.dir))
+        try:
+            return self._handles[info.file].get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"cannot read tensor {name!r} ({e})",
+                where=str(info.file),
+                fix="the file is corrupted; copy it again",
+            ) from None
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles = {}
+
+    def __enter__(self) -> SafetensorsCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"invalid JSON ({e})", where=str(path), fix="restore the file from its source"
+        ) from None
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "B": 10**9,  # mergekit's --out-shard-size: 5B = 5 billion
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from an int or a string: '5B' (mergekit: 5 billion), '500M', '5GB', '2GiB'."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    unit = match.group(2).upper() if match else None
+    if unit not in _SIZE_UNITS:
+        raise CheckpointError(
+            f"cannot parse size {size!r}",
+            where="shard size",
+            fix="write it like '5B' (billions), '500M', '5GB', '2GiB' or a number of bytes",
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def write_shards(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    out_dir: Path,
+    *,
+    max_shard_bytes: int,
+    prefix: str = "model",
+) -> list[str]:
+    """Write ``tensors`` (streamed) as HF safetensors shards plus an index when sharded.
+
+    A shard is flushed when adding the next tensor would pass
+    ``max_shard_bytes``. One shard is written as ``model.safetensors``;
+    several as ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``. Returns the file names written.
+    """
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = 0
+    written: list[tuple[Path, list[str]]] = []
+    total = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        path = out_dir / f".{prefix}-shard{len(written):05d}.tmp"
+        save_file(pending, str(path), metadata={"format": "pt"})
+        written.append((path, list(pending)))
+        pending, pending_bytes = {}, 0
+
+    for name, array in tensors:
+        array = np.ascontiguousarray(array)
+        if pending and pending_bytes + array.nbytes > max_shard_bytes:
+            flush()
+        pending[name] = array
+        pending_bytes += array.nbytes
+        total += array.nbytes
+    if pending or not written:
+        flush()
+
+    if len(written) == 1:
+        final = out_dir / f"{prefix}.safetensors"
+        written[0][0].rename(final)
+        return [final.name]
+    n = len(written)
+    weight_map, names = {}, []
+    for i, (path, tensor_names) in enumerate(written, start=1):
+        final = out_dir / f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
+        path.rename(final)
+        names.append(final.name)
+        weight_map.update({t: final.name for t in tensor_names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(out_dir / f"{prefix}.safetensors.index.json", "w") as f:
+        json.dump(index, f, indent=2)
+    return names
+
+
+def iter_tensors(checkpoint: SafetensorsCheckpoint) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of a checkpoint, read one at a time, in name order."""
+    for name in sorted(checkpoint.infos):
+        yield name, checkpoint.read(name)

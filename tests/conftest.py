@@ -1,0 +1,21 @@
+"""Every test sees 8 fake CPU devices (set before jax is imported)."""
+
+import os
+
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """kind -> directory of a random tiny HF model saved by transformers (fp32)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: hf_models.make_tiny_model(root / kind, kind) for kind in hf_models.KINDS}
