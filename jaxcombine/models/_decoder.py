@@ -187,6 +187,7 @@ class Decoder(nnx.Module):
         token_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
+        last_only: bool = False,
     ) -> DecoderOutput:
         """Run ``tokens`` [B, T] through the model.
 
@@ -198,6 +199,8 @@ class Decoder(nnx.Module):
           dropout_key: a PRNG key turns on residual dropout at
             ``config.dropout_rate`` (MC dropout); without it the model is
             deterministic.
+          last_only: return logits and hidden states of the last position
+            only ([B, 1, ...]), as a decoder's prefill needs.
         """
         config = self.config
         B, T = tokens.shape
@@ -236,7 +239,7 @@ class Decoder(nnx.Module):
             )
             new_keys.append(k)
             new_values.append(v)
-        hidden = self.norm(x)
+        hidden = self.norm(x[:, -1:] if last_only else x)
         if self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", hidden, self.embed_tokens.embedding[...])
         else:

@@ -1,0 +1,147 @@
+"""The ``jaxcombine`` command.
+
+    jaxcombine generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
+            [--greedy | --temperature T --top-k K --top-p P --seed S] [--json]
+    jaxcombine score --model DIR --text-file F [--json]
+
+``--prompt`` and ``--prompt-ids`` may be repeated: the prompts are decoded as
+one left-padded batch. Errors print one message (what, where, how to fix) and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxcombine import __version__
+from jaxcombine.errors import InputError, JaxcombineError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise InputError(f"cannot parse token ids {text!r}", where="--prompt-ids",
+                         fix="write comma-separated integers, e.g. --prompt-ids 1,15,27") from None
+
+
+def _load(args):
+    import jax.numpy as jnp
+
+    from jaxcombine.hf import load_model
+
+    dtype = None if args.dtype is None else getattr(jnp, args.dtype)
+    return load_model(args.model, dtype=dtype)
+
+
+def _tokenizer_or_none(model_dir):
+    from jaxcombine.hf import load_tokenizer
+
+    if not (Path(model_dir) / "tokenizer.json").exists():
+        return None
+    return load_tokenizer(model_dir)
+
+
+def cmd_generate(args) -> dict:
+    from jaxcombine.decoding import Sampling, generate
+    from jaxcombine.hf import load_tokenizer
+
+    if args.greedy and args.temperature:
+        raise InputError("--greedy and --temperature > 0 contradict each other",
+                         where="--greedy/--temperature", fix="pass one of them")
+    sampling = Sampling(temperature=args.temperature or 0.0, top_k=args.top_k or 0,
+                        top_p=args.top_p if args.top_p is not None else 1.0)
+    if sampling.greedy and (args.top_k or args.top_p is not None):
+        raise InputError("--top-k/--top-p need sampling", where="--top-k/--top-p",
+                         fix="add --temperature T (T > 0), or drop them for greedy decoding")
+    model = _load(args)
+    if args.prompt:
+        tokenizer = load_tokenizer(args.model)
+        prompts = [tokenizer.encode(text).ids for text in args.prompt]
+    else:
+        tokenizer = _tokenizer_or_none(args.model)
+        prompts = [_token_ids(text) for text in args.prompt_ids]
+    tokens = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                      seed=args.seed)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) if tokenizer else None
+             for row in tokens]
+    return {"tokens": tokens, "text": texts}
+
+
+def cmd_score(args) -> dict:
+    from jaxcombine.decoding import score
+    from jaxcombine.hf import load_tokenizer
+
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise InputError("text file does not exist", where=str(path),
+                         fix="pass the path of a UTF-8 text file")
+    model = _load(args)
+    ids = load_tokenizer(args.model).encode(path.read_text(encoding="utf-8")).ids
+    result = score(model, ids, window=args.window, batch_size=args.batch_size)
+    return {"tokens": len(ids), "predicted_tokens": result.count, "nll": result.nll,
+            "ppl": result.ppl}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxcombine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"jaxcombine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="HF model directory")
+        p.add_argument("--dtype", choices=_DTYPES, help="compute dtype (default: checkpoint's)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    gen = sub.add_parser("generate", help="continue prompts with a model")
+    model_args(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    prompt.add_argument("--prompt-ids", action="append", help="comma-separated token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=cmd_generate)
+
+    sc = sub.add_parser("score", help="NLL and perplexity of a text file")
+    model_args(sc)
+    sc.add_argument("--text-file", required=True)
+    sc.add_argument("--window", type=int, default=None,
+                    help="tokens per window (default: the model's context length)")
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.set_defaults(run=cmd_score)
+    return parser
+
+
+def _print_human(command: str, result: dict) -> None:
+    if command == "generate":
+        for tokens, text in zip(result["tokens"], result["text"], strict=True):
+            print(text if text is not None else ",".join(map(str, tokens)))
+    else:
+        print(f"tokens {result['tokens']}  nll {result['nll']:.6f}  ppl {result['ppl']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.run(args)
+    except JaxcombineError as e:
+        print(f"jaxcombine {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Negative log-likelihood of a token sequence, window by window.
+
+The sequence is cut into consecutive, non-overlapping windows of ``window``
+tokens (default: the model's context length); inside each window every token
+after the first is predicted from the ones before it, so a window of n tokens
+contributes n - 1 predictions (the convention of ``transformers``' loss with
+``labels=input_ids``):
+
+    nll = - (1 / #predictions) * sum_windows sum_{t>=1} log p(x_t | x_<t in window)
+    ppl = exp(nll)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcombine.decoding._generate import DecoderForward
+from jaxcombine.errors import InputError
+from jaxcombine.models import Decoder
+
+
+class Score(NamedTuple):
+    nll_sum: float  # summed natural-log NLL
+    count: int  # predicted tokens
+
+    @property
+    def nll(self) -> float:
+        return self.nll_sum / self.count
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+def windows_of(ids: Sequence[int], window: int) -> list[list[int]]:
+    """Consecutive windows of ``window`` tokens; a last window of one token is dropped."""
+    chunks = [list(ids[i : i + window]) for i in range(0, len(ids), window)]
+    return [c for c in chunks if len(c) > 1]
+
+
+@partial(jax.jit, static_argnames=("forward",))
+def window_nll(forward, params, tokens, mask):
+    """Summed NLL [B] of right-padded windows ``tokens`` [B, W] (``mask`` marks real tokens)."""
+    logits, _ = forward(params, tokens, mask, None)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, W-1, V]
+    target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, W-1]
+    return -jnp.sum(jnp.where(mask[:, 1:], target, 0.0), axis=-1)
+
+
+def score_windows(forward, params, windows: list[list[int]], width: int, batch_size: int):
+    """Summed NLL and prediction count over right-padded batches of windows."""
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        tokens = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), bool)
+        for row, chunk in enumerate(batch):
+            tokens[row, : len(chunk)] = chunk
+            mask[row, : len(chunk)] = True
+        nll = window_nll(forward, params, jnp.asarray(tokens), jnp.asarray(mask))
+        total += float(np.sum(np.asarray(nll, np.float64)))
+        count += sum(len(c) - 1 for c in batch)
+    return Score(total, count)
+
+
+def score(
+    model: Decoder, ids: Sequence[int], *, window: int | None = None, batch_size: int = 8
+) -> Score:
+    """NLL of ``ids`` under ``model``, in windows of the context length.
+
+    Example::
+
+        s = score(model, tokenizer.encode(text).ids)
+        print(s.nll, s.ppl)
+    """
+    config = model.config
+    window = window or config.max_position_embeddings
+    windows = windows_of(ids, window)
+    if not windows:
+        raise InputError(
+            f"need at least 2 tokens to score, got {len(ids)}",
+            where="text",
+            fix="score a longer text",
+        )
+    bad = sorted({int(t) for t in ids if not 0 <= int(t) < config.vocab_size})
+    if bad:
+        raise InputError(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {config.vocab_size})",
+            where="text",
+            fix="use the model's own tokenizer",
+        )
+    graphdef, params = nnx.split(model)
+    width = min(window, max(len(c) for c in windows))
+    return score_windows(
+        DecoderForward(graphdef), params, windows, width, min(batch_size, len(windows))
+    )
