@@ -26,8 +26,11 @@ def _token_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise InputError(f"cannot parse token ids {text!r}", where="--prompt-ids",
-                         fix="write comma-separated integers, e.g. --prompt-ids 1,15,27") from None
+        raise InputError(
+            f"cannot parse token ids {text!r}",
+            where="--prompt-ids",
+            fix="write comma-separated integers, e.g. --prompt-ids 1,15,27",
+        ) from None
 
 
 def _load(args):
@@ -52,13 +55,22 @@ def cmd_generate(args) -> dict:
     from jaxcombine.hf import load_tokenizer
 
     if args.greedy and args.temperature:
-        raise InputError("--greedy and --temperature > 0 contradict each other",
-                         where="--greedy/--temperature", fix="pass one of them")
-    sampling = Sampling(temperature=args.temperature or 0.0, top_k=args.top_k or 0,
-                        top_p=args.top_p if args.top_p is not None else 1.0)
+        raise InputError(
+            "--greedy and --temperature > 0 contradict each other",
+            where="--greedy/--temperature",
+            fix="pass one of them",
+        )
+    sampling = Sampling(
+        temperature=args.temperature or 0.0,
+        top_k=args.top_k or 0,
+        top_p=args.top_p if args.top_p is not None else 1.0,
+    )
     if sampling.greedy and (args.top_k or args.top_p is not None):
-        raise InputError("--top-k/--top-p need sampling", where="--top-k/--top-p",
-                         fix="add --temperature T (T > 0), or drop them for greedy decoding")
+        raise InputError(
+            "--top-k/--top-p need sampling",
+            where="--top-k/--top-p",
+            fix="add --temperature T (T > 0), or drop them for greedy decoding",
+        )
     model = _load(args)
     if args.prompt:
         tokenizer = load_tokenizer(args.model)
@@ -66,10 +78,12 @@ def cmd_generate(args) -> dict:
     else:
         tokenizer = _tokenizer_or_none(args.model)
         prompts = [_token_ids(text) for text in args.prompt_ids]
-    tokens = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                      seed=args.seed)
-    texts = [tokenizer.decode(row, skip_special_tokens=True) if tokenizer else None
-             for row in tokens]
+    tokens = generate(
+        model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
+    )
+    texts = [
+        tokenizer.decode(row, skip_special_tokens=True) if tokenizer else None for row in tokens
+    ]
     return {"tokens": tokens, "text": texts}
 
 
@@ -79,13 +93,18 @@ def cmd_score(args) -> dict:
 
     path = Path(args.text_file)
     if not path.is_file():
-        raise InputError("text file does not exist", where=str(path),
-                         fix="pass the path of a UTF-8 text file")
+        raise InputError(
+            "text file does not exist", where=str(path), fix="pass the path of a UTF-8 text file"
+        )
     model = _load(args)
     ids = load_tokenizer(args.model).encode(path.read_text(encoding="utf-8")).ids
     result = score(model, ids, window=args.window, batch_size=args.batch_size)
-    return {"tokens": len(ids), "predicted_tokens": result.count, "nll": result.nll,
-            "ppl": result.ppl}
+    return {
+        "tokens": len(ids),
+        "predicted_tokens": result.count,
+        "nll": result.nll,
+        "ppl": result.ppl,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score", help="NLL and perplexity of a text file")
     model_args(sc)
     sc.add_argument("--text-file", required=True)
-    sc.add_argument("--window", type=int, default=None,
-                    help="tokens per window (default: the model's context length)")
+    sc.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="tokens per window (default: the model's context length)",
+    )
     sc.add_argument("--batch-size", type=int, default=8)
     sc.set_defaults(run=cmd_score)
     return parser

@@ -75,9 +75,7 @@ def prefill(forward, params, tokens, mask, cache):
     return logits[:, -1], cache
 
 
-@partial(
-    jax.jit, static_argnames=("forward", "max_new_tokens", "sampling"), donate_argnames=("cache",)
-)
+@partial(jax.jit, static_argnames=("forward", "max_new_tokens", "sampling"))
 def decode_loop(
     forward,
     params,
