@@ -51,8 +51,8 @@ def _tokenizer_or_none(model_dir):
 
 
 def cmd_generate(args) -> dict:
-    from jaxcombine.decoding import Sampling, generate
-    from jaxcombine.hf import load_tokenizer
+    from jaxcombine.decoding import Sampling, generate, validate_prompts
+    from jaxcombine.hf import load_config, load_tokenizer
 
     if args.greedy and args.temperature:
         raise InputError(
@@ -71,13 +71,19 @@ def cmd_generate(args) -> dict:
             where="--top-k/--top-p",
             fix="add --temperature T (T > 0), or drop them for greedy decoding",
         )
-    model = _load(args)
+    config = load_config(args.model)  # cheap: check the prompts before loading weights
     if args.prompt:
         tokenizer = load_tokenizer(args.model)
         prompts = [tokenizer.encode(text).ids for text in args.prompt]
     else:
         tokenizer = _tokenizer_or_none(args.model)
         prompts = [_token_ids(text) for text in args.prompt_ids]
+    validate_prompts(prompts, config.vocab_size, config.max_position_embeddings)
+    if args.max_new_tokens < 1:
+        raise InputError(
+            f"max_new_tokens must be >= 1, got {args.max_new_tokens}", where="--max-new-tokens"
+        )
+    model = _load(args)
     tokens = generate(
         model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     )
@@ -96,8 +102,14 @@ def cmd_score(args) -> dict:
         raise InputError(
             "text file does not exist", where=str(path), fix="pass the path of a UTF-8 text file"
         )
-    model = _load(args)
     ids = load_tokenizer(args.model).encode(path.read_text(encoding="utf-8")).ids
+    if len(ids) < 2:
+        raise InputError(
+            f"need at least 2 tokens to score, got {len(ids)}",
+            where=str(path),
+            fix="score a longer text",
+        )
+    model = _load(args)
     result = score(model, ids, window=args.window, batch_size=args.batch_size)
     return {
         "tokens": len(ids),
