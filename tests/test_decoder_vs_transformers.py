@@ -47,8 +47,8 @@ def test_left_padded_batch_matches_transformers(tiny_models, kind):
     ids = np.zeros((3, width), np.int64)
     mask = np.zeros((3, width), np.int64)
     for row, n in enumerate(lengths):
-        ids[row, width - n:] = rng.randint(3, hf_models.VOCAB, n)
-        mask[row, width - n:] = 1
+        ids[row, width - n :] = rng.randint(3, hf_models.VOCAB, n)
+        mask[row, width - n :] = 1
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     expected = reference_logits(ref, ids, mask, positions)
     ours = np.asarray(model(jnp.asarray(ids), token_mask=jnp.asarray(mask, bool)).logits)
@@ -56,8 +56,8 @@ def test_left_padded_batch_matches_transformers(tiny_models, kind):
     assert relative_error(ours[real], expected[real]) < 1e-4
     # Each row equals the same prompt run alone, unpadded.
     for row, n in enumerate(lengths):
-        alone = reference_logits(ref, ids[row:row + 1, width - n:])[0]
-        assert relative_error(ours[row, width - n:], alone) < 1e-4
+        alone = reference_logits(ref, ids[row : row + 1, width - n :])[0]
+        assert relative_error(ours[row, width - n :], alone) < 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -72,8 +72,8 @@ def test_prefill_then_steps_equals_full_forward(tiny_models, kind):
     tokens = np.zeros((2, width), np.int32)
     mask = np.zeros((2, width), bool)
     for row, n in enumerate(prompt_lengths):
-        tokens[row, width - n:] = full[row][:n]
-        mask[row, width - n:] = True
+        tokens[row, width - n :] = full[row][:n]
+        mask[row, width - n :] = True
     cache = init_cache(model.config, 2, width + steps + 3)  # spare slots stay invalid
     out = model(jnp.asarray(tokens), token_mask=jnp.asarray(mask), cache=cache)
     cache = out.cache
@@ -84,7 +84,7 @@ def test_prefill_then_steps_equals_full_forward(tiny_models, kind):
         cache = out.cache
         step_logits.append(np.asarray(out.logits[:, 0]))
     for row, n in enumerate(prompt_lengths):
-        expected = reference_logits(ref, np.array([full[row][:n + steps - 1]]))[0, n - 1:]
+        expected = reference_logits(ref, np.array([full[row][: n + steps - 1]]))[0, n - 1 :]
         ours = np.stack([s[row] for s in step_logits])
         assert relative_error(ours, expected) < 1e-4
 

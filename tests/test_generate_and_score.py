@@ -23,8 +23,13 @@ def reference_greedy(model_dir, prompts, max_new_tokens):
     ids = torch.tensor([[hf_models.PAD] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                           max_new_tokens=max_new_tokens, pad_token_id=hf_models.PAD)
+        out = ref.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=hf_models.PAD,
+        )
     return [strip_after_eos(row[width:].tolist(), [hf_models.EOS]) for row in out]
 
 
@@ -44,12 +49,24 @@ def run_cli(argv, capsys):
 def test_cli_generate_greedy_json(tiny_models, capsys):
     path = tiny_models["qwen2"]
     ids_args = sum((["--prompt-ids", ",".join(map(str, p))] for p in PROMPTS), [])
-    result = run_cli(["generate", "--model", str(path), *ids_args, "--max-new-tokens", "32",
-                      "--greedy", "--json"], capsys)
+    result = run_cli(
+        [
+            "generate",
+            "--model",
+            str(path),
+            *ids_args,
+            "--max-new-tokens",
+            "32",
+            "--greedy",
+            "--json",
+        ],
+        capsys,
+    )
     assert result["tokens"] == reference_greedy(path, PROMPTS, 32)
     tokenizer = load_tokenizer(path)
-    assert result["text"] == [tokenizer.decode(t, skip_special_tokens=True)
-                              for t in result["tokens"]]
+    assert result["text"] == [
+        tokenizer.decode(t, skip_special_tokens=True) for t in result["tokens"]
+    ]
 
 
 def test_console_script_generate_text_prompt(tiny_models):
@@ -57,9 +74,23 @@ def test_console_script_generate_text_prompt(tiny_models):
     path = tiny_models["llama_tied_llama3"]
     text = "Task arithmetic adds"
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxcombine.cli", "generate", "--model", str(path), "--prompt",
-         text, "--max-new-tokens", "32", "--greedy", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "jaxcombine.cli",
+            "generate",
+            "--model",
+            str(path),
+            "--prompt",
+            text,
+            "--max-new-tokens",
+            "32",
+            "--greedy",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     result = json.loads(proc.stdout)
     prompt = load_tokenizer(path).encode(text).ids
@@ -71,7 +102,7 @@ def reference_nll(model_dir, ids, window):
     ref = hf_models.load_reference(model_dir)
     total, count = 0.0, 0
     for start in range(0, len(ids), window):
-        chunk = ids[start:start + window]
+        chunk = ids[start : start + window]
         if len(chunk) < 2:
             continue
         with torch.no_grad():
@@ -91,8 +122,9 @@ def test_cli_score_matches_transformers_loss(tiny_models, tmp_path, capsys, kind
     ids = load_tokenizer(path).encode(text).ids
     assert len(ids) > 2 * 64
     expected_nll, expected_count = reference_nll(path, ids, window=64)
-    result = run_cli(["score", "--model", str(path), "--text-file", str(text_file), "--json"],
-                     capsys)
+    result = run_cli(
+        ["score", "--model", str(path), "--text-file", str(text_file), "--json"], capsys
+    )
     assert result["tokens"] == len(ids)
     assert result["predicted_tokens"] == expected_count
     assert abs(result["nll"] - expected_nll) <= 1e-4 * expected_nll
@@ -102,8 +134,9 @@ def test_cli_score_matches_transformers_loss(tiny_models, tmp_path, capsys, kind
 def test_sampling_is_reproducible_and_respects_top_k(tiny_models):
     model = load_model(tiny_models["llama_gqa"])
     sampling = Sampling(temperature=1.0, top_k=1)  # top-1 sampling is greedy
-    assert generate(model, PROMPTS, max_new_tokens=12, sampling=sampling, seed=3) == \
-        generate(model, PROMPTS, max_new_tokens=12)
+    assert generate(model, PROMPTS, max_new_tokens=12, sampling=sampling, seed=3) == generate(
+        model, PROMPTS, max_new_tokens=12
+    )
     hot = Sampling(temperature=5.0, top_p=0.99)
     a = generate(model, PROMPTS, max_new_tokens=12, sampling=hot, seed=1)
     assert a == generate(model, PROMPTS, max_new_tokens=12, sampling=hot, seed=1)

@@ -11,8 +11,16 @@ from jaxcombine.errors import ConfigError
 from jaxcombine.models import Decoder, DecoderConfig, MLPClassifier
 from jaxcombine.sharding import partition_spec, shard_model
 
-CONFIG = DecoderConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8, dropout_rate=0.2)
+CONFIG = DecoderConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    dropout_rate=0.2,
+)
 
 
 def test_config_validation_names_the_key():
@@ -30,8 +38,10 @@ def test_config_validation_names_the_key():
 
 def test_parameters_carry_logical_axes():
     model = Decoder(CONFIG, rngs=nnx.Rngs(0))
-    axes = {"/".join(map(str, p)): v.get_metadata()["out_sharding"]
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    axes = {
+        "/".join(map(str, p)): v.get_metadata()["out_sharding"]
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     assert axes["embed_tokens/embedding"] == ("vocab", "embed")
     assert axes["layers/0/self_attn/q_proj/kernel"] == ("embed", "heads", "head_dim")
     assert axes["layers/1/self_attn/k_proj/kernel"] == ("embed", "kv_heads", "head_dim")
@@ -102,8 +112,9 @@ def test_sharded_model_equals_unsharded():
     q = model.layers[0].self_attn.q_proj.kernel.get_value()
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 1, 8)
-    np.testing.assert_allclose(jax.jit(lambda m, t: m(t).logits)(model, tokens), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(lambda m, t: m(t).logits)(model, tokens), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_partition_spec_rules():

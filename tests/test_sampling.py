@@ -15,8 +15,10 @@ from jaxcombine.decoding import Sampling, filter_logits, sample_tokens
 from jaxcombine.errors import InputError
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.9, 20, 0.5), (2.0, 3, 0.3)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.9, 20, 0.5), (2.0, 3, 0.3)],
+)
 def test_filters_match_transformers_warpers(temperature, top_k, top_p):
     logits = np.random.RandomState(0).randn(4, 64).astype(np.float32) * 3
     scores = torch.tensor(logits)
@@ -42,9 +44,15 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     assert abs(counts[0] - 0.625) < 0.03
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+    ],
+)
 def test_bad_sampling_options(kwargs, match):
     with pytest.raises(InputError, match=match):
         Sampling(**kwargs)
