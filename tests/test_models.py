@@ -124,3 +124,10 @@ def test_partition_spec_rules():
     assert spec == jax.sharding.PartitionSpec(None, "model", None)  # each mesh axis once
     with pytest.raises(ConfigError, match="heads.*6.*4"):
         partition_spec(("embed", "heads"), (8, 6), mesh, rules, where="q_proj")
+
+
+def test_equal_configs_share_a_graph_definition():
+    """Models of one config differ only in state: jit caches hit, states stack for vmap."""
+    g1, _ = nnx.split(Decoder(CONFIG, rngs=nnx.Rngs(0)))
+    g2, _ = nnx.split(Decoder(CONFIG, rngs=nnx.Rngs(1)))
+    assert g1 == g2 and hash(g1) == hash(g2)

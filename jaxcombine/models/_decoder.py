@@ -64,9 +64,8 @@ class KVCache(NamedTuple):
 def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
     """An empty cache with ``max_length`` slots per row."""
     shape = (batch, max_length, config.num_kv_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(
-        keys=zeros,
+        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         key_valid=jnp.zeros((batch, max_length), bool),
         next_index=jnp.zeros((), jnp.int32),
@@ -128,13 +127,14 @@ class MLP(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, dtype, rngs: nnx.Rngs):
         E, F = config.hidden_size, config.intermediate_size
-        self.act = _activation(config.hidden_act)
+        self.hidden_act = config.hidden_act  # a name, so equal configs give equal graphdefs
         self.gate_proj = Dense((E, F), ("embed", "mlp"), config.mlp_bias, dtype=dtype, rngs=rngs)
         self.up_proj = Dense((E, F), ("embed", "mlp"), config.mlp_bias, dtype=dtype, rngs=rngs)
         self.down_proj = Dense((F, E), ("mlp", "embed"), config.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        act = _activation(self.hidden_act)
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
