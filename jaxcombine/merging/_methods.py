@@ -1,9 +1,16 @@
-"""Merge methods over whole parameter pytrees, with per-tensor settings from rules.
+"""Linear averaging and the task-arithmetic family over whole pytrees.
 
-Each method takes pytrees of one structure (``nnx.State``, nested dicts, or a
-flat ``{hf_name: array}`` dict), resolves its settings per leaf with
-:func:`jaxcombine.rules.resolve` (mergekit's scalars, layer gradients and
-``{filter, value}`` lists), and maps a leaf function over the stacked models.
+Every function here is a thin wrapper: it turns keyword arguments into
+mergekit-style settings (one per model, each a scalar, a layer gradient or a
+list of ``{filter, value}`` rules) and calls :func:`jaxcombine.merging.merge`
+with the method's :class:`MergeMethod`. The math lives in
+``_task_arithmetic.py`` and ``_sparsify.py``.
+
+Example::
+
+    merged = ties(base, [math_ft, code_ft], weights=[1.0, 0.5], densities=[0.2, 0.2])
+    merged = dare_ties(base, [a, b], weights=[1, 1], densities=[0.3, 0.3],
+                       key=jax.random.key(0))
 """
 
 from __future__ import annotations
@@ -12,50 +19,185 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from jaxcombine import rules
 from jaxcombine.errors import ConfigError
+from jaxcombine.merging._engine import MergeMethod, Param, boolean, finite_number, merge
+from jaxcombine.merging._sparsify import RESCALE_MODES, check_density
 from jaxcombine.merging._task_arithmetic import linear_leaf, task_arithmetic_leaf
-from jaxcombine.tree import check_same_structure, leaf_paths, stack
+from jaxcombine.tree import check_same_structure
 
 Setting = Any
 
+WEIGHT = Param("weight", "model", check=finite_number())
+DENSITY = Param("density", "model", 1.0, finite_number(0.0, 1.0, low_open=True))
+LAMBDA = Param("lambda", "shared", 1.0, finite_number(), arg="lambda_")
+INT8_MASK = Param("int8_mask", "shared", False, boolean)
 
-def _per_model(settings: Sequence[Setting] | Setting, n: int, name: str) -> list[Setting]:
-    if not isinstance(settings, (list, tuple)) or len(settings) != n:
+
+def _rescale_mode(value):
+    if isinstance(value, bool) or value in RESCALE_MODES:
+        return None
+    return f"must be true, false or one of {', '.join(RESCALE_MODES)}; got {value!r}"
+
+
+def weights_sum_nonzero(values: dict, where: str) -> None:
+    """Where a method divides by sum_i w_i, that sum must not be zero."""
+    if abs(sum(values["weight"])) < 1e-8:
         raise ConfigError(
-            f"expected one {name} setting per model ({n}), got {settings!r}",
-            where=name,
-            fix=f"pass a list of {n} settings, one per model, in the models' order",
+            f"weights {list(values['weight'])} sum to zero, and the merge divides by their sum",
+            where=where,
+            fix="change the weights, or turn normalize off",
         )
-    return list(settings)
 
 
-def _resolved(reference, settings: list[Setting], name: str, num_layers):
-    """Per leaf, the list of per-model values of ``settings``."""
-    trees = [
-        rules.resolve(reference, s, num_layers=num_layers, where=f"{name}[{i}]")
-        for i, s in enumerate(settings)
+def _validate_gta(values: dict, where: str) -> None:
+    if "epsilon" in values:
+        for i, (d, e) in enumerate(zip(values["density"], values["epsilon"], strict=True)):
+            check_density(d, "della_magprune", e, where=f"{where} (model {i})")
+    if values["normalize"] and values["consensus"] is None:
+        weights_sum_nonzero(values, where)
+
+
+def _validate_linear(values: dict, where: str) -> None:
+    if values["normalize"]:
+        weights_sum_nonzero(values, where)
+
+
+def gta_method(
+    name: str,
+    *,
+    sparsify: str | None,
+    consensus: str | None,
+    normalize: bool,
+    rescale: bool | str,
+    disjoint: str = "weighted",
+    reference: str = "",
+) -> MergeMethod:
+    """The :class:`MergeMethod` of one choice of sparsify / consensus / defaults."""
+    params = [
+        WEIGHT,
+        DENSITY,
+        Param("normalize", "shared", normalize, boolean),
+        Param("rescale", "shared", rescale, _rescale_mode),
+        LAMBDA,
+        INT8_MASK,
     ]
-    return jax.tree.map(lambda *values: list(values), *trees)
+    if sparsify == "magnitude_outliers":
+        params.append(Param("gamma", "model", 0.01, finite_number(0.0, 1.0)))
+    if sparsify == "della_magprune":
+        params.append(Param("epsilon", "model", 0.15, finite_number(0.0, 1.0)))
+    return MergeMethod(
+        name=name,
+        leaf=task_arithmetic_leaf,
+        params=tuple(params),
+        base="required",
+        random=sparsify in ("random", "della_magprune"),
+        reference=reference,
+        fixed={"sparsify": sparsify, "consensus": consensus, "disjoint": disjoint},
+        validate=_validate_gta,
+    )
 
 
-def _check_values(paths, per_leaf, name: str, low: float, high: float, low_open=True):
-    for path, values in zip(
-        paths, jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, list)), strict=True
-    ):
-        for i, v in enumerate(values):
-            if v is None:
-                raise ConfigError(
-                    f"no value of {name} applies to this tensor",
-                    where=f"{path} (model {i})",
-                    fix=f"add a catch-all rule {{value: ...}} to {name}",
-                )
-            if (v <= low if low_open else v < low) or v > high:
-                raise ConfigError(
-                    f"{name}={v} is outside {'(' if low_open else '['}{low}, {high}]",
-                    where=f"{path} (model {i})",
-                )
+GTA_SPECS = {
+    spec.name: spec
+    for spec in (
+        gta_method(
+            "task_arithmetic",
+            sparsify=None,
+            consensus=None,
+            normalize=False,
+            rescale=False,
+            reference="arXiv:2212.04089",
+        ),
+        gta_method(
+            "ties",
+            sparsify="magnitude",
+            consensus="sum",
+            normalize=True,
+            rescale=False,
+            reference="arXiv:2306.01708",
+        ),
+        gta_method(
+            "dare_ties",
+            sparsify="random",
+            consensus="sum",
+            normalize=False,
+            rescale=True,
+            reference="arXiv:2311.03099",
+        ),
+        gta_method(
+            "dare_linear",
+            sparsify="random",
+            consensus=None,
+            normalize=False,
+            rescale=True,
+            reference="arXiv:2311.03099",
+        ),
+        gta_method(
+            "breadcrumbs",
+            sparsify="magnitude_outliers",
+            consensus=None,
+            normalize=False,
+            rescale=False,
+            reference="arXiv:2312.06795",
+        ),
+        gta_method(
+            "breadcrumbs_ties",
+            sparsify="magnitude_outliers",
+            consensus="sum",
+            normalize=False,
+            rescale=False,
+            reference="arXiv:2312.06795",
+        ),
+        gta_method(
+            "della",
+            sparsify="della_magprune",
+            consensus="sum",
+            normalize=True,
+            rescale=True,
+            reference="arXiv:2406.11617",
+        ),
+        gta_method(
+            "della_linear",
+            sparsify="della_magprune",
+            consensus=None,
+            normalize=False,
+            rescale=True,
+            reference="arXiv:2406.11617",
+        ),
+    )
+}
+
+LINEAR_SPEC = MergeMethod(
+    name="linear",
+    leaf=linear_leaf,
+    params=(Param("weight", "model", check=finite_number()), Param("normalize", "shared", True, boolean)),
+    base="none",
+    reference="arXiv:2203.05482",
+    validate=_validate_linear,
+)
+
+
+def per_model(n: int, **settings) -> list[dict]:
+    """``weights=[...]``, ``densities=[...]`` -> one mergekit parameter dict per model."""
+    out = [{} for _ in range(n)]
+    for name, values in settings.items():
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or len(values) != n:
+            raise ConfigError(
+                f"expected one {name} setting per model ({n}), got {values!r}",
+                where=name,
+                fix=f"pass a list of {n} settings, one per model, in the models' order",
+            )
+        for i, value in enumerate(values):
+            out[i][name] = value
+    return out
+
+
+def _shared(**settings) -> dict:
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def linear(
@@ -71,30 +213,12 @@ def linear(
 
         merged = linear([a, b], weights=[0.3, 0.7])
     """
-    if len(models) < 1:
-        raise ConfigError("linear needs at least one model", where="models")
-    check_same_structure(models)
-    per_leaf = _resolved(
-        models[0], _per_model(weights, len(models), "weight"), "weight", num_layers
-    )
-    paths = leaf_paths(models[0])
-    _check_values(paths, per_leaf, "weight", float("-inf"), float("inf"))
-    if normalize:
-        for path, w in zip(
-            paths, jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, list)), strict=True
-        ):
-            if abs(sum(w)) < 1e-12:
-                raise ConfigError(
-                    f"weights {w} sum to zero, and linear divides by the sum",
-                    where=path,
-                    fix="change the weights or set normalize=False",
-                )
-    stacked = stack(models)
-    return jax.tree.map(
-        lambda x, w: linear_leaf(x, w, normalize=normalize),
-        stacked,
-        per_leaf,
-        is_leaf=lambda x: isinstance(x, list),
+    return merge(
+        LINEAR_SPEC,
+        models,
+        model_parameters=per_model(len(models), weight=weights),
+        parameters={"normalize": normalize},
+        num_layers=num_layers,
     )
 
 
@@ -107,48 +231,60 @@ def task_arithmetic(
     sparsify: str | None = None,
     consensus: str | None = None,
     normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
+    rescale: bool | str = False,
+    disjoint: str = "weighted",
+    gammas: Sequence[Setting] | None = None,
+    epsilons: Sequence[Setting] | None = None,
+    lambda_: Setting = 1.0,
+    key: jax.Array | None = None,
     num_layers: int | None = None,
 ):
-    """theta_0 + lambda * combine_i(w_i * sparsify(theta_i - theta_0)), mergekit's general form.
+    """theta_0 + lambda * combine_i(w_i * sparsify(theta_i - theta_0)): the general form.
 
-    ``sparsify``: None or "magnitude" (per tensor, keep the largest |tau|);
-    ``consensus``: None, "sum" (TIES sign election by mass) or "count";
-    ``normalize``: divide by the summed weights of the agreeing models;
-    ``rescale``: match the L1 norm of each pruned task vector to the unpruned.
+    Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089) with every option of
+    the family: ``sparsify`` None, "magnitude", "random", "magnitude_outliers"
+    or "della_magprune"; ``consensus`` None, "sum" (TIES) or "count";
+    ``normalize`` divides by the summed weights of agreeing models; ``rescale``
+    False, True/"l1" (mergekit), "density" (DARE paper) or "probability"
+    (DELLA paper); ``disjoint`` "weighted" (mergekit) or "mean" (TIES paper).
+    With only ``weights`` given it is mergekit's ``task_arithmetic``.
+
+    Example::
+
+        merged = task_arithmetic(base, [a, b], weights=[1.0, 1.0], lambda_=0.5)
+        forget = task_arithmetic(base, [toxic], weights=[-1.0])     # negation
     """
-    if not models:
-        raise ConfigError("task arithmetic needs at least one fine-tuned model", where="models")
-    check_same_structure([base, *models], ["base", *(f"model {i}" for i in range(len(models)))])
-    n = len(models)
-    paths = leaf_paths(base)
-    w = _resolved(base, _per_model(weights, n, "weight"), "weight", num_layers)
-    _check_values(paths, w, "weight", float("-inf"), float("inf"))
-    d = _resolved(
-        base,
-        _per_model(densities if densities is not None else [1.0] * n, n, "density"),
-        "density",
-        num_layers,
+    method = gta_method(
+        "task_arithmetic",
+        sparsify=sparsify,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=rescale,
+        disjoint=disjoint,
     )
-    _check_values(paths, d, "density", 0.0, 1.0)
-    stacked = stack(models)
+    return merge(
+        method,
+        models,
+        base=base,
+        model_parameters=per_model(
+            len(models), weight=weights, density=densities, gamma=gammas, epsilon=epsilons
+        ),
+        parameters=_shared(**{"lambda": lambda_}),
+        key=key,
+        num_layers=num_layers,
+    )
 
-    def leaf(b, x, wi, di):
-        return task_arithmetic_leaf(
-            b,
-            x,
-            wi,
-            di,
-            sparsify=sparsify,
-            consensus=consensus,
-            normalize=normalize,
-            rescale=rescale,
-            lambda_=lambda_,
-        )
 
-    is_list = lambda x: isinstance(x, list)
-    return jax.tree.map(leaf, base, stacked, w, d, is_leaf=is_list)
+def _named(name, base, models, key=None, num_layers=None, shared=None, **per):
+    return merge(
+        GTA_SPECS[name],
+        models,
+        base=base,
+        model_parameters=per_model(len(models), **per),
+        parameters=_shared(**(shared or {})),
+        key=key,
+        num_layers=num_layers,
+    )
 
 
 def ties(
@@ -157,25 +293,250 @@ def ties(
     *,
     weights,
     densities,
-    lambda_: float = 1.0,
+    lambda_: Setting = 1.0,
     normalize: bool = True,
     consensus: str = "sum",
+    topk: str = "tensor",
+    disjoint: str = "weighted",
     num_layers: int | None = None,
 ):
     """TIES-merging (Yadav et al. 2023, arXiv:2306.01708): trim, elect sign, disjoint merge.
 
-    Per tensor, keep each task vector's ``density`` fraction of largest
-    magnitudes, elect the sign of the summed weighted vectors, and average the
-    agreeing entries by weight (mergekit's ``ties``).
+    Keep each task vector's ``density`` fraction of largest magnitudes, elect
+    each entry's sign by the mass of the weighted vectors, and average the
+    agreeing entries weighted by ``weights`` (mergekit's ``ties``).
+
+    The paper's variants: ``topk="model"`` trims over the whole model (one
+    magnitude threshold per task vector across all tensors; ``densities`` must
+    be plain numbers) instead of per tensor; ``disjoint="mean"`` averages the
+    agreeing entries unweighted; ``consensus="count"`` elects by majority.
     """
-    return task_arithmetic(
-        base,
-        models,
-        weights=weights,
-        densities=densities,
+    if topk not in ("tensor", "model"):
+        raise ConfigError(f"unknown topk scope {topk!r}", where="topk", fix="use 'tensor' or 'model'")
+    if topk == "model":
+        models = global_magnitude_prune(base, models, densities)
+        densities = [1.0] * len(models)
+    method = gta_method(
+        "ties",
         sparsify="magnitude",
         consensus=consensus,
         normalize=normalize,
-        lambda_=lambda_,
+        rescale=False,
+        disjoint=disjoint,
+    )
+    return merge(
+        method,
+        models,
+        base=base,
+        model_parameters=per_model(len(models), weight=weights, density=densities),
+        parameters=_shared(**{"lambda": lambda_}),
         num_layers=num_layers,
     )
+
+
+def global_magnitude_prune(base, models, densities: Sequence[float]):
+    """Each model's task vector pruned to its ``density`` largest |tau| over all tensors.
+
+    Returns base + pruned tau per model; k_i = max(1, int(density_i * total)).
+    Integer leaves are left as they are.
+    """
+    check_same_structure([base, *models])
+    per_model(len(models), density=densities)
+    out = []
+    for i, (model, density) in enumerate(zip(models, densities, strict=True)):
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise ConfigError(
+                f"a whole-model top-k needs one number per model, got {density!r}",
+                where=f"densities[{i}]",
+                fix="pass plain numbers, or use topk='tensor' for per-tensor rules",
+            )
+        check_density(density, "magnitude", where=f"densities[{i}]")
+        floats = [
+            (jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32)).reshape(-1)
+            for b, m in zip(jax.tree.leaves(base), jax.tree.leaves(model), strict=True)
+            if jnp.issubdtype(jnp.result_type(b), jnp.inexact)
+        ]
+        magnitudes = jnp.abs(jnp.concatenate(floats))
+        k = max(1, int(density * magnitudes.size))
+        threshold = jax.lax.top_k(magnitudes, k)[0][-1]
+
+        def prune(b, m, threshold=threshold):
+            if not jnp.issubdtype(jnp.result_type(b), jnp.inexact):
+                return m
+            tau = jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32)
+            kept = jnp.where(jnp.abs(tau) >= threshold, tau, 0.0)
+            return (jnp.asarray(b, jnp.float32) + kept).astype(jnp.result_type(m))
+
+        out.append(jax.tree.map(prune, base, model))
+    return out
+
+
+def dare_ties(
+    base,
+    models,
+    *,
+    weights,
+    densities,
+    key: jax.Array,
+    lambda_: Setting = 1.0,
+    normalize: bool = False,
+    rescale: bool | str = True,
+    num_layers: int | None = None,
+):
+    """DARE + TIES (Yu et al. 2023, arXiv:2311.03099): drop at random, rescale, elect sign.
+
+    Each entry of tau_i is kept with probability ``density``; survivors are
+    rescaled so the L1 norm of tau_i is kept (mergekit; ``rescale="density"``
+    divides by the density as in the paper), then signs are elected as in TIES.
+    """
+    return _named(
+        "dare_ties",
+        base,
+        models,
+        key,
+        num_layers,
+        {"lambda": lambda_, "normalize": normalize, "rescale": rescale},
+        weight=weights,
+        density=densities,
+    )
+
+
+def dare_linear(
+    base,
+    models,
+    *,
+    weights,
+    densities,
+    key: jax.Array,
+    lambda_: Setting = 1.0,
+    normalize: bool = False,
+    rescale: bool | str = True,
+    num_layers: int | None = None,
+):
+    """DARE (Yu et al. 2023, arXiv:2311.03099) without sign election: drop, rescale, add."""
+    return _named(
+        "dare_linear",
+        base,
+        models,
+        key,
+        num_layers,
+        {"lambda": lambda_, "normalize": normalize, "rescale": rescale},
+        weight=weights,
+        density=densities,
+    )
+
+
+def breadcrumbs(
+    base,
+    models,
+    *,
+    weights,
+    densities,
+    gammas=None,
+    lambda_: Setting = 1.0,
+    normalize: bool = False,
+    num_layers: int | None = None,
+):
+    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795).
+
+    Per tensor, drop the ``gamma`` fraction of largest |tau| (outliers) and the
+    smallest, keeping ``density`` of the entries; then add the weighted vectors.
+    """
+    return _named(
+        "breadcrumbs",
+        base,
+        models,
+        None,
+        num_layers,
+        {"lambda": lambda_, "normalize": normalize},
+        weight=weights,
+        density=densities,
+        gamma=gammas,
+    )
+
+
+def breadcrumbs_ties(
+    base,
+    models,
+    *,
+    weights,
+    densities,
+    gammas=None,
+    lambda_: Setting = 1.0,
+    normalize: bool = False,
+    num_layers: int | None = None,
+):
+    """Model Breadcrumbs with TIES sign election (arXiv:2312.06795, arXiv:2306.01708)."""
+    return _named(
+        "breadcrumbs_ties",
+        base,
+        models,
+        None,
+        num_layers,
+        {"lambda": lambda_, "normalize": normalize},
+        weight=weights,
+        density=densities,
+        gamma=gammas,
+    )
+
+
+def della(
+    base,
+    models,
+    *,
+    weights,
+    densities,
+    key: jax.Array,
+    epsilons=None,
+    lambda_: Setting = 1.0,
+    normalize: bool = True,
+    rescale: bool | str = True,
+    num_layers: int | None = None,
+):
+    """DELLA-merging (Deep et al. 2024, arXiv:2406.11617): MagPrune, elect sign, fuse.
+
+    Entry j of a row is kept with probability density - epsilon + 2 epsilon
+    rank_j (larger magnitudes are kept more often); survivors are rescaled to
+    the L1 norm (mergekit) or by 1/p_j (``rescale="probability"``, the paper);
+    then TIES sign election and a weighted disjoint mean. ``epsilon`` defaults
+    to 0.15 and density +/- epsilon must stay in (0, 1).
+    """
+    return _named(
+        "della",
+        base,
+        models,
+        key,
+        num_layers,
+        {"lambda": lambda_, "normalize": normalize, "rescale": rescale},
+        weight=weights,
+        density=densities,
+        epsilon=epsilons,
+    )
+
+
+def della_linear(
+    base,
+    models,
+    *,
+    weights,
+    densities,
+    key: jax.Array,
+    epsilons=None,
+    lambda_: Setting = 1.0,
+    normalize: bool = False,
+    rescale: bool | str = True,
+    num_layers: int | None = None,
+):
+    """DELLA's MagPrune without sign election (arXiv:2406.11617)."""
+    return _named(
+        "della_linear",
+        base,
+        models,
+        key,
+        num_layers,
+        {"lambda": lambda_, "normalize": normalize, "rescale": rescale},
+        weight=weights,
+        density=densities,
+        epsilon=epsilons,
+    )
+

@@ -1,18 +1,37 @@
-"""Task arithmetic and its sparsified, sign-elected relatives, one leaf at a time.
+"""Task arithmetic and its sparsified, sign-elected relatives, one tensor at a time.
 
 For a base theta_0 and fine-tuned models theta_i with task vectors
 tau_i = theta_i - theta_0 (Ilharco et al. 2023, arXiv:2212.04089):
 
-    tau_i'  = sparsify(tau_i, density_i)        # optional: keep the largest |tau|
+    tau_i'  = sparsify(tau_i, density_i)        # optional: magnitude, random, outliers, DELLA
     tau_i'' = w_i * tau_i'
-    m       = consensus(tau'')                  # optional: TIES sign election
+    m       = consensus(tau'')                  # optional: sign election (TIES)
     delta   = sum_i m_i tau_i''  [ / sum_i m_i w_i  if normalize ]
     merged  = theta_0 + lambda * delta
 
-TIES (Yadav et al. 2023, arXiv:2306.01708) is magnitude sparsification with
-sign election by mass and normalisation. These are mergekit's semantics
-(``generalized_task_arithmetic.py``): sparsification is per tensor, a divisor
-of zero is replaced by one, and an empty consensus keeps the base.
+Named methods are choices of the three steps (mergekit's
+``generalized_task_arithmetic.py``):
+
+=================  ===================  =========  =========  =======
+method             sparsify             consensus  normalize  rescale
+=================  ===================  =========  =========  =======
+task_arithmetic    —                    —          no         no
+ties               magnitude            sum        yes        no
+dare_linear        random               —          no         l1
+dare_ties          random               sum        no         l1
+breadcrumbs        magnitude_outliers   —          no         no
+breadcrumbs_ties   magnitude_outliers   sum        no         no
+della_linear       della_magprune       —          no         l1
+della              della_magprune       sum        yes        l1
+=================  ===================  =========  =========  =======
+
+mergekit's conventions are kept: sparsification is per tensor, a divisor of
+zero (no agreeing model) is replaced by one, so such entries keep the base.
+
+The papers' variants are options: ``consensus="count"`` (majority of signs
+instead of mass), ``disjoint="mean"`` (TIES's unweighted mean of the agreeing
+trimmed vectors, weights only steering the election), ``rescale="density"``
+(DARE's 1/density) and ``rescale="probability"`` (DELLA's 1/p per entry).
 """
 
 from __future__ import annotations
@@ -21,32 +40,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
+from jaxcombine.merging._sparsify import sparsify as sparsify_tensor
 
-
-def magnitude_mask(delta: jax.Array, density: float) -> jax.Array:
-    """1 on the max(1, int(density * n)) entries of largest |delta|, else 0 (mergekit)."""
-    if density >= 1:
-        return jnp.ones_like(delta)
-    if density <= 0 or delta.size == 0:
-        return jnp.zeros_like(delta)
-    k = max(1, int(density * delta.size))
-    _, keep = jax.lax.top_k(jnp.abs(delta).reshape(-1).astype(jnp.float32), k)
-    return jnp.zeros(delta.size, delta.dtype).at[keep].set(1).reshape(delta.shape)
-
-
-def rescale_l1(delta: jax.Array, masked: jax.Array, eps: float = 1e-7) -> jax.Array:
-    """``masked`` scaled to the L1 norm of ``delta`` (unchanged if either norm < eps)."""
-    before = jnp.abs(delta).sum()
-    after = jnp.abs(masked).sum()
-    ok = (before >= eps) & (after >= eps)
-    return jnp.where(ok, masked * (before / jnp.where(ok, after, 1.0)), masked)
+CONSENSUS_METHODS = ("sum", "count")
 
 
 def sign_consensus(deltas: jax.Array, method: str = "sum") -> jax.Array:
     """Mask [N, ...]: 1 where a model's sign agrees with the elected sign.
 
     ``sum``: the sign of the summed (weighted) deltas, TIES's election by mass;
-    ``count``: the majority of signs. Ties elect +.
+    ``count``: the majority of signs. Ties elect +. A zero entry never agrees.
     """
     sign = jnp.sign(deltas)
     if method == "sum":
@@ -55,58 +58,95 @@ def sign_consensus(deltas: jax.Array, method: str = "sum") -> jax.Array:
         elected = jnp.where(sign.sum(axis=0) >= 0, 1.0, -1.0)
     else:
         raise ConfigError(
-            f"unknown consensus method {method!r}; use 'sum' or 'count'", where="consensus"
+            f"unknown consensus method {method!r}",
+            where="consensus",
+            fix="use 'sum' (TIES's election by mass) or 'count' (majority of signs)",
         )
     return (sign == elected).astype(deltas.dtype)
+
+
+def _work_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def task_arithmetic_leaf(
     base: jax.Array,
     models: jax.Array,
-    weights,
-    densities=None,
     *,
+    weight,
+    density=None,
+    gamma=None,
+    epsilon=None,
     sparsify: str | None = None,
     consensus: str | None = None,
     normalize: bool = False,
-    rescale: bool = False,
+    rescale: bool | str | None = False,
+    disjoint: str = "weighted",
     lambda_: float = 1.0,
+    int8_mask: bool = False,
+    key: jax.Array | None = None,
 ) -> jax.Array:
-    """Merge one tensor: ``base`` [...] and stacked fine-tuned ``models`` [N, ...]."""
+    """Merge one tensor: ``base`` [...] and stacked fine-tuned ``models`` [N, ...].
+
+    ``weight``, ``density``, ``gamma``, ``epsilon`` hold one value per model.
+    ``rescale``: False/None, True or "l1" (mergekit), "density" or "probability".
+    ``disjoint``: "weighted" (mergekit: divide by the summed weights of the
+    agreeing models) or "mean" (TIES paper: weights steer the sign election, the
+    agreeing trimmed vectors are averaged unweighted). ``int8_mask`` only saves
+    memory in mergekit and changes no number; it is accepted and ignored.
+    """
+    del int8_mask
     n = models.shape[0]
-    work = jnp.float32 if base.dtype != jnp.float64 else jnp.float64
+    work = _work_dtype(base.dtype)
     deltas = models.astype(work) - base.astype(work)[None]
     if sparsify is not None:
-        if sparsify != "magnitude":
-            raise ConfigError(f"unknown sparsification {sparsify!r}", where="sparsify")
-        densities = [1.0] * n if densities is None else list(densities)
-        pruned = []
-        for i in range(n):
-            masked = deltas[i] * magnitude_mask(deltas[i], densities[i])
-            pruned.append(rescale_l1(deltas[i], masked) if rescale else masked)
-        deltas = jnp.stack(pruned)
-    w = jnp.asarray(weights, work).reshape((n,) + (1,) * base.ndim)
-    deltas = deltas * w
+        mode = "l1" if rescale is True else (rescale or None)
+        density = (1.0,) * n if density is None else tuple(density)
+        keys = jax.random.split(key, n) if key is not None else [None] * n
+        deltas = jnp.stack(
+            [
+                sparsify_tensor(
+                    deltas[i],
+                    density[i],
+                    sparsify,
+                    key=keys[i],
+                    gamma=0.01 if gamma is None else gamma[i],
+                    epsilon=0.15 if epsilon is None else epsilon[i],
+                    rescale=mode,
+                )
+                for i in range(n)
+            ]
+        )
+    w = jnp.asarray(weight, work).reshape((n,) + (1,) * base.ndim)
+    weighted = deltas * w
     if consensus is not None:
-        mask = sign_consensus(deltas, consensus)
-        mixed = (deltas * mask).sum(axis=0)
-        divisor = (w * mask).sum(axis=0)
+        mask = sign_consensus(weighted, consensus)
+        if disjoint == "mean":
+            mixed = (deltas * mask).sum(axis=0)
+            divisor = mask.sum(axis=0)
+        else:
+            mixed = (weighted * mask).sum(axis=0)
+            divisor = (w * mask).sum(axis=0)
         divisor = jnp.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = deltas.sum(axis=0)
+        mixed = weighted.sum(axis=0)
         divisor = w.sum(axis=0)
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
-    if normalize:
+    if normalize or (consensus is not None and disjoint == "mean"):
         mixed = mixed / divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
     return (base.astype(work) + mixed).astype(base.dtype)
 
 
-def linear_leaf(models: jax.Array, weights, *, normalize: bool = True) -> jax.Array:
-    """sum_i w_i theta_i [/ sum_i w_i] for stacked ``models`` [N, ...] (Wortsman et al. 2022)."""
-    work = jnp.float32 if models.dtype != jnp.float64 else jnp.float64
-    w = jnp.asarray(weights, work).reshape((models.shape[0],) + (1,) * (models.ndim - 1))
+def linear_leaf(base, models: jax.Array, *, weight, normalize: bool = True) -> jax.Array:
+    """sum_i w_i theta_i [/ sum_i w_i] for stacked ``models`` [N, ...] (Wortsman et al. 2022).
+
+    ``base`` is unused (mergekit's linear ignores the base model).
+    """
+    del base
+    work = _work_dtype(models.dtype)
+    w = jnp.asarray(weight, work).reshape((models.shape[0],) + (1,) * (models.ndim - 1))
     merged = (models.astype(work) * w).sum(axis=0)
     if normalize:
         merged = merged / w.sum(axis=0)
