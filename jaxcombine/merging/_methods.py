@@ -172,7 +172,10 @@ GTA_SPECS = {
 LINEAR_SPEC = MergeMethod(
     name="linear",
     leaf=linear_leaf,
-    params=(Param("weight", "model", check=finite_number()), Param("normalize", "shared", True, boolean)),
+    params=(
+        Param("weight", "model", check=finite_number()),
+        Param("normalize", "shared", True, boolean),
+    ),
     base="none",
     reference="arXiv:2203.05482",
     validate=_validate_linear,
@@ -312,7 +315,9 @@ def ties(
     agreeing entries unweighted; ``consensus="count"`` elects by majority.
     """
     if topk not in ("tensor", "model"):
-        raise ConfigError(f"unknown topk scope {topk!r}", where="topk", fix="use 'tensor' or 'model'")
+        raise ConfigError(
+            f"unknown topk scope {topk!r}", where="topk", fix="use 'tensor' or 'model'"
+        )
     if topk == "model":
         models = global_magnitude_prune(base, models, densities)
         densities = [1.0] * len(models)
@@ -539,4 +544,3 @@ def della_linear(
         density=densities,
         epsilon=epsilons,
     )
-
