@@ -141,8 +141,10 @@ def _check_inputs(method: MergeMethod, models, base):
     n = len(models)
     low, high = method.min_models, method.max_models
     if n < low or (high is not None and n > high):
-        want = f"exactly {low}" if low == high else f"at least {low}" + (
-            f" and at most {high}" if high is not None else ""
+        want = (
+            f"exactly {low}"
+            if low == high
+            else f"at least {low}" + (f" and at most {high}" if high is not None else "")
         )
         raise ConfigError(
             f"{method.name} takes {want} model(s) besides the base, got {n}",
@@ -242,6 +244,8 @@ def _check_data(paths, base_leaves, model_leaves):
         named = ([("base", base_leaves[j])] if base_leaves is not None else []) + [
             (f"model {i}", leaves[j]) for i, leaves in enumerate(model_leaves)
         ]
+        if any(isinstance(x, jax.core.Tracer) for _, x in named):
+            continue  # inside an outer jit: values are not known here
         first_name, first = named[0]
         if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):
             for name, x in named[1:]:
