@@ -121,7 +121,10 @@ def numpy_ties(base, models, weights, keep_masks, election="sum", disjoint="weig
     out = {}
     for name in base:
         taus = np.stack(
-            [(m[name] - base[name]) * keep[name] for m, keep in zip(models, keep_masks)]
+            [
+                (m[name] - base[name]) * keep[name]
+                for m, keep in zip(models, keep_masks, strict=True)
+            ]
         )
         w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * base[name].ndim)
         weighted = taus * w
@@ -140,7 +143,7 @@ def test_ties_whole_model_topk_and_unweighted_disjoint_mean(models):
     base, ft1, ft2, ft3 = models
     fts, weights, densities = [ft1, ft2, ft3], [1.0, 0.6, 0.3], [0.3, 0.5, 0.2]
     masks = []
-    for ft, density in zip(fts, densities):
+    for ft, density in zip(fts, densities, strict=True):
         magnitudes = np.abs(flat(ft) - flat(base))
         threshold = np.sort(magnitudes)[::-1][max(1, int(density * magnitudes.size)) - 1]
         masks.append({k: np.abs(ft[k] - base[k]) >= threshold for k in base})
