@@ -100,7 +100,7 @@ def _layer_count(shapes, pattern: str, what: str) -> int:
 
 def _validated(axes: Axes, shapes, what: str) -> PermutationSpec:
     spec = PermutationSpec(axes)
-    spec._sizes_from_shapes(shapes, f"the {what} parameters")
+    spec._sizes_from_shapes(shapes, f"{what} params")
     return spec
 
 
@@ -111,7 +111,7 @@ def mlp_classifier_spec(params_or_model: PyTree) -> PermutationSpec:
     input) are permutation ``hidden_k``; inputs and classes are not permuted.
     """
     shapes = _shapes(params_or_model)
-    n = _layer_count(shapes, r"layers/(\d+)/", "MLPClassifier")
+    n = _layer_count(shapes, r"layers/(\d+)/kernel$", "MLPClassifier")
     names = [f"layers/{k}" for k in range(n)] + ["head"]
     return _validated(dense_chain_axes(names), shapes, "MLPClassifier")
 
@@ -134,7 +134,7 @@ def decoder_spec(params_or_model: PyTree, *, heads: bool = False) -> Permutation
       not permuted (RoPE pairs them).
     """
     shapes = _shapes(params_or_model)
-    n = _layer_count(shapes, r"layers/(\d+)/", "Decoder")
+    n = _layer_count(shapes, r"layers/(\d+)/self_attn/", "Decoder")
     r = "residual"
     axes: Axes = {"embed_tokens/embedding": (None, r), "norm/scale": (r,)}
     if "lm_head/kernel" in shapes:
