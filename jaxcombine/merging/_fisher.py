@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -105,8 +106,12 @@ def fisher_update(
         state = fisher_update(fisher_init(params), params, (xs, ys), log_prob_fn)
     """
     n = _batch_size(batch, "fisher_update(batch)")
-    grads = jax.vmap(jax.grad(log_prob_fn), in_axes=(None, 0))(params, batch)
-    return _accumulate(state, _square(grads), n)
+    return _accumulate(state, _per_example_squares(log_prob_fn, params, batch), n)
+
+
+@partial(jax.jit, static_argnums=0)
+def _per_example_squares(log_prob_fn, params, batch):
+    return _square(jax.vmap(jax.grad(log_prob_fn), in_axes=(None, 0))(params, batch))
 
 
 def expected_fisher_update(

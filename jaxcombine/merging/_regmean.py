@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -209,9 +210,9 @@ def _solve_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
-def _regmean_leaf(kernels, grams, w, alpha, where: str):
-    """W* for one layer: kernels [M, d_in, ...], grams [M, d_in, d_in], w [M]."""
-    dtype = _solve_dtype()
+@partial(jax.jit, static_argnums=(3, 4))
+def _regmean_system(kernels, grams, w, alpha, dtype):
+    """The system A W* = B of one layer; rows of unseen inputs pinned to the weighted mean."""
     m, d = grams.shape[0], grams.shape[1]
     kw = kernels.reshape(m, d, -1).astype(dtype)  # [M, d, out]
     g = grams.astype(dtype)
@@ -224,7 +225,15 @@ def _regmean_leaf(kernels, grams, w, alpha, where: str):
     unseen = jnp.diagonal(a) <= 0
     a = a + jnp.diag(unseen.astype(dtype))
     b = b + unseen[:, None] * mean
-    eig = np.asarray(jnp.linalg.eigvalsh(a))
+    return a, b, jnp.linalg.eigvalsh(a)
+
+
+def _regmean_leaf(kernels, grams, w, alpha, where: str):
+    """W* for one layer: kernels [M, d_in, ...], grams [M, d_in, d_in], w [M]."""
+    dtype = _solve_dtype()
+    d = grams.shape[1]
+    a, b, eig = _regmean_system(kernels, grams, w, alpha, dtype)
+    eig = np.asarray(eig)
     tiny = eig.max() * d * float(jnp.finfo(dtype).eps)
     if not np.all(np.isfinite(eig)) or eig.min() <= tiny:
         raise ConfigError(
