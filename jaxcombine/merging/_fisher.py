@@ -132,7 +132,11 @@ def expected_fisher_update(
                                        lambda p, x: apply(p, x))
     """
     n = _batch_size(inputs, "expected_fisher_update(inputs)")
+    return _accumulate(state, _expected_squares(logits_fn, params, inputs), n)
 
+
+@partial(jax.jit, static_argnums=0)
+def _expected_squares(logits_fn, params, inputs):
     def one(x):
         logits = logits_fn(params, x)
         if jnp.ndim(logits) != 1:
@@ -142,15 +146,15 @@ def expected_fisher_update(
                 fix="return logits for a single example; the batch axis is vmapped",
             )
         probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32)))
-        classes = jnp.arange(logits.shape[0])
 
         def log_prob(p, c):
             return jax.nn.log_softmax(logits_fn(p, x).astype(jnp.float32))[c]
 
+        classes = jnp.arange(logits.shape[0])
         grads = jax.vmap(jax.grad(log_prob), in_axes=(None, 0))(params, classes)  # [C, ...]
         return jax.tree.map(lambda g2: jnp.tensordot(probs, g2, axes=1), _square(grads))
 
-    return _accumulate(state, jax.vmap(one)(inputs), n)
+    return jax.vmap(one)(inputs)
 
 
 def fisher_finalize(state: FisherState) -> PyTree:
