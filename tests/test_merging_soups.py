@@ -478,3 +478,54 @@ def test_ema_bf16_int_leaves_and_errors():
             running_average_init(mlp_params(0)),
             checkpoints(1)[0] | {"head": {"bias": jnp.zeros(3), "kernel": jnp.zeros((16, 4))}},
         )
+
+
+# --------------------------------------------------------------------------- states and meshes
+
+
+def test_works_on_nnx_state_and_updates_the_model():
+    base_model = MLPClassifier(6, (16, 16), 3, rngs=nnx.Rngs(0))
+    ft_model = MLPClassifier(6, (16, 16), 3, rngs=nnx.Rngs(1))
+    base, ft = nnx.state(base_model, nnx.Param), nnx.state(ft_model, nnx.Param)
+    expected = 0.5 * (
+        np.asarray(base_model.head.kernel[...]) + np.asarray(ft_model.head.kernel[...])
+    )
+    edited = apply_task_vector(base, task_vector(ft, base), 0.5)
+    assert isinstance(edited, nnx.State)
+    nnx.update(base_model, edited)
+    np.testing.assert_allclose(np.asarray(base_model.head.kernel[...]), expected, atol=1e-6)
+    assert isinstance(uniform_soup([base, ft]), nnx.State)
+
+
+def test_sharded_over_eight_devices_gives_the_same_numbers():
+    devices = np.array(jax.devices())
+    assert devices.size == 8
+    mesh = jax.sharding.Mesh(devices, ("x",))
+
+    def spec(x):
+        axes = [None] * x.ndim
+        for i in reversed(range(x.ndim)):
+            if x.shape[i] % 8 == 0:
+                axes[i] = "x"
+                break
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+
+    models = [mlp_params(s) for s in range(4)]
+    sharded = [jax.tree.map(lambda x: jax.device_put(x, spec(x)), m) for m in models]
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded[0]))
+
+    def combine(ms):
+        tau = add_task_vectors([task_vector(m, ms[0]) for m in ms[1:]], [0.5, -0.3, 0.2])
+        edited = apply_task_vector(ms[0], tau, 0.8)
+        state = ema_init(ms[0])
+        for m in ms:
+            state = ema_update(state, m, 0.7, warmup=True)
+        avg = running_average_init(ms[0])
+        for m in ms:
+            avg = running_average_update(avg, m)
+        return edited, uniform_soup(ms), ema_value(state), running_average_value(avg)
+
+    expected = combine(models)
+    actual = jax.jit(combine)(sharded)
+    for a, e in zip(actual, expected, strict=True):
+        assert_tree_close(a, np_tree(e), rtol=1e-6, atol=1e-6)
