@@ -171,6 +171,20 @@ def test_fisher_merge_matches_numpy_per_element_formula():
     np.testing.assert_allclose(float(merged["b"][1]), mean_b1, rtol=1e-5)
 
 
+def test_fisher_merge_of_classifier_states(classifier):
+    state, xs, ys, logits_fn, log_prob_fn = classifier
+    other = nnx.state(_mlp(7))
+    fishers = [
+        fisher_finalize(fisher_update(fisher_init(p), p, (xs, ys), log_prob_fn))
+        for p in (state, other)
+    ]
+    merged = fisher_merge([state, other], fishers, weights=[0.25, 0.75])
+    for got, a, b, fa, fb in zip(*map(_np, (merged, state, other, *fishers)), strict=True):
+        fa, fb = 0.25 * (fa + 1e-8), 0.75 * (fb + 1e-8)
+        np.testing.assert_allclose(got, (fa * a + fb * b) / (fa + fb), rtol=1e-5, atol=1e-6)
+    assert logits_fn(merged, xs[0]).shape == (3,)
+
+
 def test_fisher_merge_errors():
     models = _three_models()
     fishers = [jax.tree.map(np.ones_like, m) for m in models]
@@ -390,6 +404,16 @@ def _two_tasks():
 @pytest.fixture(scope="module")
 def two_tasks():
     return _two_tasks()
+
+
+def test_prediction_entropy_matches_numpy():
+    logits = np.random.default_rng(0).normal(size=(2, 5, 4)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    want = np.mean(-(p * np.log(p)).sum(-1))
+    np.testing.assert_allclose(float(prediction_entropy(jnp.asarray(logits))), want, rtol=1e-5)
+    two = prediction_entropy([jnp.asarray(logits), jnp.asarray(logits[..., :2])])
+    p2 = np.exp(logits[..., :2]) / np.exp(logits[..., :2]).sum(-1, keepdims=True)
+    np.testing.assert_allclose(float(two), want + np.mean(-(p2 * np.log(p2)).sum(-1)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("granularity", ["task", "layer"])

@@ -14,8 +14,8 @@ unlabeled inputs (a surrogate for the unknown test loss),
 by gradient descent through the merge (``jax.grad`` of H with respect to
 lambda) with Adam. As in the paper, lambda starts at 0.3, the optimiser is
 Adam with learning rate 1e-3, and the coefficients are clipped to [0, 1]
-inside the merge (the raw values are what Adam updates; clipped ones have no
-gradient until they move back inside).
+inside the merge (Adam updates the raw values; a coefficient clipped at a
+bound gets no gradient, only Adam's momentum moves it).
 
 Example::
 
