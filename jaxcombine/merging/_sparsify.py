@@ -103,13 +103,13 @@ def check_density(density: float, method: str, epsilon: float | None = None, whe
             where=where or "density",
             fix="density is the fraction of task-vector entries kept: choose it in (0, 1]",
         )
-    if method == "della_magprune" and density < 1:
-        if epsilon is None or epsilon < 0 or density - epsilon <= 0 or density + epsilon >= 1:
-            raise ConfigError(
-                f"epsilon={epsilon} with density={density}: density +/- epsilon must lie in (0, 1)",
-                where=where or "epsilon",
-                fix=f"choose epsilon < {min(density, 1 - density):.6g}",
-            )
+    bad_epsilon = epsilon is None or not 0 <= epsilon < min(density, 1 - density)
+    if method == "della_magprune" and density < 1 and bad_epsilon:
+        raise ConfigError(
+            f"epsilon={epsilon} with density={density}: density +/- epsilon must lie in (0, 1)",
+            where=where or "epsilon",
+            fix=f"choose epsilon < {min(density, 1 - density):.6g}",
+        )
 
 
 def sparsify(
