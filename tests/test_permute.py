@@ -2,6 +2,8 @@
 the same function, weight matching recovering known permutations, the loss barrier between
 two independently trained MLPs, and errors naming tensors and sizes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +38,7 @@ def is_identity(perms):
 # --- the assignment solver against scipy.optimize.linear_sum_assignment -----------------
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (7, 7), (5, 9), (9, 5), (64, 64), (300, 300)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 7), (5, 9), (9, 5), (64, 64), (300, 300)])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_lap_matches_scipy_on_random_costs(shape, maximize):
     rng = np.random.default_rng([*shape, int(maximize)])
@@ -56,7 +58,7 @@ def test_lap_matches_scipy_on_random_costs(shape, maximize):
 
 def test_lap_ties_and_integers_reach_the_optimal_total():
     rng = np.random.default_rng(0)
-    for n in (4, 16, 50):
+    for n in (4, 50):
         cost = rng.integers(0, 4, size=(n, n))  # many optimal assignments
         rows, cols = linear_sum_assignment(jnp.asarray(cost))
         ref_rows, ref_cols = scipy_lsa(cost)
@@ -66,6 +68,13 @@ def test_lap_ties_and_integers_reach_the_optimal_total():
     assert np.asarray(cols).tolist() == [1, 0, 2]
     with pytest.raises(ConfigError, match="2-D"):
         linear_sum_assignment(jnp.ones(3))
+
+
+def test_lap_under_jit_and_vmap_matches_scipy():
+    costs = np.random.default_rng(1).uniform(size=(4, 12, 12)).astype(np.float32)
+    solve = jax.jit(jax.vmap(lambda c: linear_sum_assignment(c, maximize=True)[1]))
+    for cost, cols in zip(costs, np.asarray(solve(jnp.asarray(costs))), strict=True):
+        np.testing.assert_array_equal(cols, scipy_lsa(cost, maximize=True)[1])
 
 
 # --- tiny models -----------------------------------------------------------------------
@@ -99,17 +108,22 @@ GQA_TIED = DecoderConfig(
 )
 
 
-def randomize_norms(model, seed):
-    """RMSNorm scales start at 1; make them distinct so they constrain the residual perm."""
-    state = nnx.state(model, nnx.Param)
-    key = jax.random.key(seed)
-    flat = dict(nnx.to_flat_state(state))
-    for path, var in flat.items():
-        if path[-1] == "scale":
-            key, sub = jax.random.split(key)
-            var.set_value(1.0 + 0.1 * jax.random.normal(sub, var.get_value().shape))
-    nnx.update(model, state)
-    return model
+@functools.cache
+def decoder(config):
+    """(graphdef, params) of a tiny decoder with random weights, biases and RMSNorm scales.
+
+    Parameters are drawn with numpy into the abstract model's state (faster than eager init).
+    """
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.Param
+    )
+    rng = np.random.default_rng(0)
+    flat = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1 + (x.ndim == 1) * 1.0, jnp.float32),
+        nnx.to_pure_dict(state),
+    )
+    nnx.replace_by_pure_dict(state, flat)
+    return graphdef, state
 
 
 # --- permuted models compute the same function ----------------------------------------
@@ -131,7 +145,8 @@ def test_permuted_mlp_computes_the_same_function():
     assert isinstance(permuted, nnx.State)
     assert not tree.all_close(nnx.to_pure_dict(permuted), nnx.to_pure_dict(state))
     x = jax.random.normal(jax.random.key(2), (32, 5))
-    np.testing.assert_allclose(nnx.merge(graphdef, permuted)(x), model(x), atol=1e-5, rtol=1e-5)
+    forward = jax.jit(lambda params: nnx.merge(graphdef, params)(x))
+    np.testing.assert_allclose(forward(permuted), model(x), atol=1e-5, rtol=1e-5)
     # plain dict trees give the same numbers; the inverse undoes the permutation
     pure = apply_permutation(spec, perms, nnx.to_pure_dict(state))
     assert tree.all_close(pure, nnx.to_pure_dict(permuted), rtol=0, atol=0)
@@ -141,16 +156,15 @@ def test_permuted_mlp_computes_the_same_function():
 
 @pytest.mark.parametrize(("config", "heads"), [(MHA, True), (MHA, False), (GQA_TIED, False)])
 def test_permuted_decoder_computes_the_same_logits(config, heads):
-    model = randomize_norms(Decoder(config, rngs=nnx.Rngs(0)), 1)
-    graphdef, state = nnx.split(model, nnx.Param)
+    graphdef, state = decoder(config)
     spec = decoder_spec(state, heads=heads)
     expected = {"residual", "mlp_0", "mlp_1"} | ({"heads_0", "heads_1"} if heads else set())
     assert set(spec.names) == expected
     perms = random_perms(spec, state, jax.random.key(3))
     permuted = apply_jit(spec, perms, state)
     tokens = jax.random.randint(jax.random.key(4), (2, 7), 0, config.vocab_size)
-    ours = nnx.merge(graphdef, permuted)(tokens).logits
-    reference = model(tokens).logits
+    forward = jax.jit(lambda params: nnx.merge(graphdef, params)(tokens).logits)
+    ours, reference = forward(permuted), forward(state)
     assert float(jnp.abs(reference).max()) > 1e-3
     np.testing.assert_allclose(ours, reference, atol=2e-5, rtol=1e-4)
     # the permutation really moved the weights
@@ -162,8 +176,8 @@ def test_permuted_decoder_computes_the_same_logits(config, heads):
 
 
 def test_weight_matching_recovers_a_random_permutation_of_an_mlp():
-    model = mlp(5, hidden=(64, 48))
-    state = nnx.state(model, nnx.Param)
+    # the barrier test's architecture, so the compiled matching is shared
+    state = nnx.state(MLPClassifier(2, (256, 256), 3, rngs=nnx.Rngs(5)), nnx.Param)
     spec = mlp_classifier_spec(state)
     perms = random_perms(spec, state, jax.random.key(6))
     permuted = apply_permutation(spec, perms, state)
@@ -181,7 +195,7 @@ def test_weight_matching_recovers_a_random_permutation_of_an_mlp():
 
 @pytest.mark.parametrize(("config", "heads"), [(MHA, True), (GQA_TIED, False)])
 def test_weight_matching_recovers_a_random_permutation_of_a_decoder(config, heads):
-    state = nnx.state(randomize_norms(Decoder(config, rngs=nnx.Rngs(10)), 11), nnx.Param)
+    _, state = decoder(config)
     spec = decoder_spec(state, heads=heads)
     perms = random_perms(spec, state, jax.random.key(12))
     permuted = apply_permutation(spec, perms, state)
@@ -222,7 +236,7 @@ def test_weight_matching_shrinks_the_loss_barrier_between_trained_mlps():
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), value
 
-        (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), None, length=400)
+        (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), None, length=250)
         return params, losses[-1]
 
     models = []
@@ -301,7 +315,7 @@ def test_other_bad_input():
         apply_permutation(spec, {**perms, "hidden_1": jnp.arange(3)}, state)
     with pytest.raises(PermutationSpecError, match="max_iter"):
         weight_matching(spec, state, state, key=jax.random.key(0), max_iter=0)
-    gqa = nnx.state(Decoder(GQA_TIED, rngs=nnx.Rngs(0)), nnx.Param)
+    _, gqa = decoder(GQA_TIED)
     with pytest.raises(PermutationSpecError, match="grouped-query attention"):
         decoder_spec(gqa, heads=True)
     with pytest.raises(PermutationSpecError, match="no Decoder layers"):

@@ -27,15 +27,12 @@ with ``scipy.optimize.linear_sum_assignment``). Pass float64 costs (with
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
 
 
-@functools.partial(jax.jit, static_argnames=("maximize",))
 def linear_sum_assignment(
     cost: jax.Array, *, maximize: bool = False
 ) -> tuple[jax.Array, jax.Array]:
@@ -48,7 +45,9 @@ def linear_sum_assignment(
 
     Returns:
       ``(row_ind, col_ind)``, int32 arrays of length min(n, m) with ``row_ind``
-      sorted: the optimal total is ``cost[row_ind, col_ind].sum()``.
+      sorted: the optimal total is ``cost[row_ind, col_ind].sum()``. Works
+      under ``jax.jit`` and ``jax.vmap`` (the solve is one compiled program
+      per shape).
 
     Example::
 
@@ -63,8 +62,11 @@ def linear_sum_assignment(
         )
     if not jnp.issubdtype(cost.dtype, jnp.floating):
         cost = cost.astype(jnp.float32)
-    if maximize:
-        cost = -cost
+    return _solve(-cost if maximize else cost)
+
+
+@jax.jit
+def _solve(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
     n, m = cost.shape
     if min(n, m) == 0:
         empty = jnp.zeros((0,), jnp.int32)
