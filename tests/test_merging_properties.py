@@ -176,11 +176,13 @@ def test_merging_copies_of_a_model_returns_it(models, name):
     n = max(spec.min_models, 2 if spec.max_models is None else spec.max_models)
     weight = next((p for p in spec.params if p.name == "weight"), None)
     model_parameters = [{"weight": 0.5} if weight is not None else {} for _ in range(n)]
+    needs_t = any(p.name == "t" for p in spec.params)
     merged = merging.merge(
         spec,
         [ft1] * n,
         base=None if spec.base == "none" else ft1,
         model_parameters=model_parameters,
+        parameters={"t": 0.5} if needs_t else {},
         key=jax.random.key(0) if spec.random else None,
     )
     for tensor, value in ft1.items():
@@ -244,7 +246,7 @@ def test_errors_in_settings(models):
         merging.merge("ties", [ft1], base=base, model_parameters=[{"weight": 1, "densty": 0.5}])
     with pytest.raises(ConfigError, match="'lambda' is one value for the whole merge"):
         merging.merge("ties", [ft1], base=base, model_parameters=[{"weight": 1, "lambda": 2}])
-    with pytest.raises(ConfigError, match="needs 'weight'.*self_attn"):
+    with pytest.raises(ConfigError, match="lm_head.weight.*needs 'weight' and none applies"):
         merging.merge(
             "ties",
             [ft1],

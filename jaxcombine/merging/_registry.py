@@ -3,12 +3,12 @@
 ``METHODS[name]`` is the public function (keyword arguments in Python style,
 ``weights=[...]``); ``SPECS[name]`` is its :class:`MergeMethod`, which
 :func:`merge` and the ``jaxcombine merge`` command drive with mergekit-style
-parameter dicts.
+parameter dicts. Both hold exactly mergekit's 20 method names.
 """
 
 from __future__ import annotations
 
-from jaxcombine.merging import _methods
+from jaxcombine.merging import _interpolation, _methods
 
 METHODS = {
     "linear": _methods.linear,
@@ -20,6 +20,17 @@ METHODS = {
     "breadcrumbs_ties": _methods.breadcrumbs_ties,
     "della": _methods.della,
     "della_linear": _methods.della_linear,
+    "slerp": _interpolation.slerp,
+    "nuslerp": _interpolation.nuslerp,
+    "multislerp": _interpolation.multislerp,
+    "karcher": _interpolation.karcher,
+    "model_stock": _interpolation.model_stock,
+    "nearswap": _interpolation.nearswap,
+    "sce": _interpolation.sce,
+    "ram": _interpolation.ram,
+    "ramplus_tl": _interpolation.ramplus_tl,
+    "arcee_fusion": _interpolation.arcee_fusion,
+    "passthrough": _interpolation.passthrough,
 }
 
-SPECS = {"linear": _methods.LINEAR_SPEC, **_methods.GTA_SPECS}
+SPECS = {"linear": _methods.LINEAR_SPEC, **_methods.GTA_SPECS, **_interpolation.SPECS}
