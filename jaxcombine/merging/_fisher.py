@@ -74,7 +74,8 @@ def _batch_size(batch: PyTree, where: str) -> int:
     return sizes.pop()
 
 
-def _accumulate(state: FisherState, per_example_squares: PyTree, n: int) -> FisherState:
+@jax.jit
+def _accumulate(state: FisherState, per_example_squares: PyTree, n) -> FisherState:
     sums = jax.tree.map(lambda s, g: s + jnp.sum(g, axis=0), state.sum_squares, per_example_squares)
     return FisherState(sums, state.count + n)
 
@@ -166,7 +167,7 @@ def fisher_finalize(state: FisherState) -> PyTree:
             where="fisher_finalize(state)",
             fix="call fisher_update with at least one batch first",
         )
-    return jax.tree.map(lambda s: s / count, state.sum_squares)
+    return jax.jit(lambda sums: jax.tree.map(lambda s: s / count, sums))(state.sum_squares)
 
 
 def check_weights(weights, n: int, where: str) -> np.ndarray:
@@ -255,7 +256,8 @@ def fisher_merge(
         )
     for i, fisher in enumerate(fishers):
         for path, leaf in zip(leaf_paths(fisher), jax.tree.leaves(fisher), strict=True):
-            if bool(jnp.any(leaf < 0)) or not bool(jnp.all(jnp.isfinite(leaf))):
+            values = np.asarray(leaf)
+            if np.any(values < 0) or not np.all(np.isfinite(values)):
                 raise ConfigError(
                     "a Fisher diagonal must be finite and non-negative",
                     where=f"{where}(fishers[{i}]): {path}",

@@ -114,10 +114,14 @@ def gram_update(state: GramState, inputs: Mapping[str, jax.Array]) -> GramState:
                 where=f"gram_update(inputs[{key!r}])",
                 fix="pass the layer's inputs [..., d_in] (flatten contracted axes into d_in)",
             )
-        x2 = jnp.reshape(x, (-1, d)).astype(jnp.float32)
-        grams[key] = state.grams[key] + jnp.einsum("ni,nj->ij", x2, x2, precision="highest")
-        counts[key] = state.counts[key] + x2.shape[0]
+        grams[key], counts[key] = _add_gram(state.grams[key], state.counts[key], x)
     return GramState(grams, counts)
+
+
+@jax.jit
+def _add_gram(gram, count, x):
+    x2 = jnp.reshape(x, (-1, gram.shape[0])).astype(jnp.float32)
+    return gram + jnp.einsum("ni,nj->ij", x2, x2, precision="highest"), count + x2.shape[0]
 
 
 def gram_finalize(state: GramState, *, mean: bool = False) -> dict[str, jax.Array]:
@@ -210,7 +214,7 @@ def _solve_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
-@partial(jax.jit, static_argnums=(3, 4))
+@partial(jax.jit, static_argnums=4)
 def _regmean_system(kernels, grams, w, alpha, dtype):
     """The system A W* = B of one layer; rows of unseen inputs pinned to the weighted mean."""
     m, d = grams.shape[0], grams.shape[1]
@@ -246,6 +250,12 @@ def _regmean_leaf(kernels, grams, w, alpha, where: str):
         )
     merged = jnp.linalg.solve(a, b)
     return merged.reshape(kernels.shape[1:]).astype(kernels.dtype)
+
+
+@jax.jit
+def _weighted_mean(w, stacked):
+    mean = jnp.tensordot(w.astype(jnp.float32), stacked.astype(jnp.float32), axes=1) / w.sum()
+    return mean.astype(stacked.dtype)
 
 
 def regmean_merge(
@@ -336,6 +346,5 @@ def regmean_merge(
                 )
             out.append(_regmean_leaf(stacked, g, w_arr, float(alpha), key))
         else:
-            mean = jnp.tensordot(w_arr.astype(jnp.float32), stacked.astype(jnp.float32), axes=1)
-            out.append((mean / float(w.sum())).astype(stacked.dtype))
+            out.append(_weighted_mean(w_arr, stacked))
     return jax.tree_util.tree_unflatten(treedef, out)
