@@ -107,35 +107,50 @@ def test_breadcrumbs_function():
     assert_matches_mergekit("breadcrumbs", merged)
 
 
-def test_merge_runs_under_jit_and_on_a_mesh():
-    """The engine's result equals a jitted whole-tree call and a sharded run."""
-    cfg = config("ties")
-    base = tensors("base")
-    models = [tensors(m["model"]) for m in cfg["models"]]
-    expected = merging.ties(
-        base, models, weights=settings(cfg, "weight"), densities=settings(cfg, "density")
-    )
+def shard_over_mesh(tree):
+    """Every 2-D tensor split over a (2, 4) mesh of the 8 fake devices."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 
-    def put(tree):
-        def shard(x):
-            spec = [None] * x.ndim
-            if x.ndim == 2 and x.shape[0] % 2 == 0 and x.shape[1] % 4 == 0:
-                spec = ["data", "model"]
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-            return jax.device_put(x, sharding)
+    def shard(x):
+        spec = [None] * x.ndim
+        if x.ndim == 2 and x.shape[0] % 2 == 0 and x.shape[1] % 4 == 0:
+            spec = ["data", "model"]
+        return jax.device_put(
+            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        )
 
-        return {k: shard(v) for k, v in tree.items()}
+    return {k: shard(v) for k, v in tree.items()}
 
-    sharded = merging.ties(
-        put(base),
-        [put(m) for m in models],
-        weights=settings(cfg, "weight"),
-        densities=settings(cfg, "density"),
+
+@pytest.mark.parametrize("name", ["ties", "slerp", "model_stock", "sce", "karcher", "della"])
+def test_sharded_merge_equals_unsharded(name):
+    """The same merge with every input sharded over 8 devices gives the same tensors."""
+    spec = merging.SPECS[name]
+    cfg = config(name) if (HERE / f"{name}.yml").exists() else config("ties")
+    base_name = cfg.get("base_model") if spec.base != "none" else None
+    entries = [m for m in cfg["models"] if m["model"] != base_name]
+    own = [dict(m.get("parameters", {})) for m in entries]
+    if name == "della":
+        own = [dict(p, epsilon=0.05) for p in own]
+    kwargs = dict(
+        model_parameters=own,
+        parameters=cfg.get("parameters", {}),
+        key=jax.random.key(0) if spec.random else None,
+    )
+    inputs = [tensors(m["model"]) for m in entries]
+    base = tensors(base_name) if base_name else None
+    expected = merging.merge(spec, inputs, base=base, **kwargs)
+    sharded = merging.merge(
+        spec,
+        [shard_over_mesh(m) for m in inputs],
+        base=shard_over_mesh(base) if base is not None else None,
+        **kwargs,
     )
     assert len(sharded["model.layers.0.mlp.up_proj.weight"].sharding.device_set) == 8
-    for name in expected:
-        np.testing.assert_array_equal(np.asarray(sharded[name]), np.asarray(expected[name]))
+    for tensor in expected:
+        np.testing.assert_allclose(
+            np.asarray(sharded[tensor]), np.asarray(expected[tensor]), rtol=1e-6, atol=1e-7
+        )
 
 
 def test_properties():
