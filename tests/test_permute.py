@@ -192,6 +192,20 @@ def test_weight_matching_recovers_a_random_permutation_of_an_mlp():
     same = weight_matching(spec, state, state, key=jax.random.key(9))
     assert all(is_identity(same).values())
 
+    # on a mesh of 8 fake devices, with tensors sharded over their first axis: same numbers
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",))
+
+    def shard(x):
+        axes = ("x",) if x.shape[0] % 8 == 0 else ()
+        spec = jax.sharding.PartitionSpec(*axes)
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+    sharded_a = jax.tree.map(shard, nnx.to_pure_dict(state))
+    sharded_b = apply_jit(spec, perms, sharded_a)
+    assert tree.all_close(sharded_b, nnx.to_pure_dict(permuted), rtol=0, atol=0)
+    found_sharded = weight_matching(spec, sharded_a, sharded_b, key=jax.random.key(7))
+    assert all(bool(jnp.array_equal(found_sharded[k], found[k])) for k in found)
+
 
 @pytest.mark.parametrize(("config", "heads"), [(MHA, True), (GQA_TIED, False)])
 def test_weight_matching_recovers_a_random_permutation_of_a_decoder(config, heads):

@@ -147,22 +147,38 @@ def cost_matrix(
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _weight_matching(spec, max_iter, a, b, perms, key):
     names = spec.names
+    # Permutations of one size share one compiled assignment solver: a group's
+    # branch picks its member's cost matrix, solves, and writes the member back.
+    sizes = {name: perms[name].shape[0] for name in names}
+    groups = [[n for n in names if sizes[n] == size] for size in sorted(set(sizes.values()))]
+    where = {n: (g, group.index(n)) for g, group in enumerate(groups) for n in group}
+    group_of = jnp.array([where[n][0] for n in names])
+    index_in_group = jnp.array([where[n][1] for n in names])
 
-    def make_step(name):
-        def step(perms):
-            c = cost_matrix(spec, name, a, b, perms)
+    def make_group_step(group):
+        def cost_of(name):
+            return lambda perms: (cost_matrix(spec, name, a, b, perms), perms[name])
+
+        def write(name):
+            return lambda perms, new: {**perms, name: new}
+
+        def step(member, perms):
+            c, current = jax.lax.switch(member, [cost_of(n) for n in group], perms)
             _, cols = linear_sum_assignment(c, maximize=True)
             rows = jnp.arange(c.shape[0])
-            old = c[rows, perms[name]].sum()
+            old = c[rows, current].sum()
             new = c[rows, cols].sum()
             improved = new - old > _REL_TOL * (jnp.abs(c).sum() / c.shape[0] + 1e-30)
-            perms = dict(perms)
-            perms[name] = jnp.where(improved, cols, perms[name]).astype(jnp.int32)
-            return perms, improved
+            chosen = jnp.where(improved, cols, current).astype(jnp.int32)
+            return jax.lax.switch(member, [write(n) for n in group], perms, chosen), improved
 
         return step
 
-    branches = [make_step(name) for name in names]
+    group_steps = [make_group_step(group) for group in groups]
+
+    def step_for(index, perms):
+        """Re-solve permutation ``names[index]`` with all others fixed."""
+        return jax.lax.switch(group_of[index], group_steps, index_in_group[index], perms)
 
     def sweep(state):
         it, key, perms, _ = state
@@ -171,7 +187,7 @@ def _weight_matching(spec, max_iter, a, b, perms, key):
 
         def visit(k, carry):
             perms, progress = carry
-            perms, improved = jax.lax.switch(order[k], branches, perms)
+            perms, improved = step_for(order[k], perms)
             return perms, progress | improved
 
         perms, progress = jax.lax.fori_loop(0, len(names), visit, (perms, jnp.zeros((), bool)))

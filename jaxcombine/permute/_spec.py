@@ -32,6 +32,7 @@ Hayase & Srinivasa 2023, arXiv:2209.04836).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -221,11 +222,15 @@ def identity_perms(spec: PermutationSpec, params: PyTree) -> dict[str, jax.Array
 
 def random_perms(spec: PermutationSpec, params: PyTree, key: jax.Array) -> dict[str, jax.Array]:
     """An independent uniformly random permutation for every name in ``spec``."""
-    sizes = spec.sizes(params)
+    return _random_perms(key, tuple(spec.sizes(params).items()))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _random_perms(key, sizes):
     keys = jax.random.split(key, max(len(sizes), 1))
     return {
         name: jax.random.permutation(k, size).astype(jnp.int32)
-        for k, (name, size) in zip(keys, sizes.items(), strict=False)
+        for k, (name, size) in zip(keys, sizes, strict=False)
     }
 
 
