@@ -58,8 +58,8 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def classifier():
     graphdef, state = nnx.split(_mlp(0))
     rng = np.random.default_rng(0)
-    xs = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
-    ys = jnp.asarray(rng.integers(0, 3, size=12), jnp.int32)
+    xs = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    ys = jnp.asarray(rng.integers(0, 3, size=16), jnp.int32)
 
     def logits_fn(params, x):
         return nnx.merge(graphdef, params)(x)
@@ -110,17 +110,14 @@ def test_fisher_accumulated_over_batches_equals_one_batch(classifier):
     state, xs, ys, _, log_prob_fn = classifier
     one = fisher_update(fisher_init(state), state, (xs, ys), log_prob_fn)
     many = fisher_init(state)
-    for lo, hi in [(0, 4), (4, 8), (8, 12)]:
+    for lo, hi in [(0, 4), (4, 8), (8, 16)]:
         many = fisher_update(many, state, (xs[lo:hi], ys[lo:hi]), log_prob_fn)
-    assert int(many.count) == int(one.count) == 12
+    assert int(many.count) == int(one.count) == 16
     _assert_trees_close(fisher_finalize(many), fisher_finalize(one))
 
 
 def test_fisher_and_grams_of_a_batch_sharded_over_8_devices_equal_unsharded(classifier):
-    state, _, _, logits_fn, log_prob_fn = classifier
-    rng = np.random.default_rng(5)
-    xs = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
-    ys = jnp.asarray(rng.integers(0, 3, size=16), jnp.int32)
+    state, xs, ys, logits_fn, log_prob_fn = classifier
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
     shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     xs_s, ys_s = jax.device_put(xs, shard), jax.device_put(ys, shard)

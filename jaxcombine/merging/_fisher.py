@@ -167,7 +167,12 @@ def fisher_finalize(state: FisherState) -> PyTree:
             where="fisher_finalize(state)",
             fix="call fisher_update with at least one batch first",
         )
-    return jax.jit(lambda sums: jax.tree.map(lambda s: s / count, sums))(state.sum_squares)
+    return _divide(state.sum_squares, state.count)
+
+
+@jax.jit
+def _divide(sums: PyTree, count: jax.Array) -> PyTree:
+    return jax.tree.map(lambda s: s / count, sums)
 
 
 def check_weights(weights, n: int, where: str) -> np.ndarray:

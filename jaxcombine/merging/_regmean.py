@@ -216,7 +216,10 @@ def _solve_dtype():
 
 @partial(jax.jit, static_argnums=4)
 def _regmean_system(kernels, grams, w, alpha, dtype):
-    """The system A W* = B of one layer; rows of unseen inputs pinned to the weighted mean."""
+    """Solve A W* = B for one layer (rows of unseen inputs pinned to the weighted mean).
+
+    Returns W* [d, out] and the eigenvalues of A, which the caller checks for singularity.
+    """
     m, d = grams.shape[0], grams.shape[1]
     kw = kernels.reshape(m, d, -1).astype(dtype)  # [M, d, out]
     g = grams.astype(dtype)
@@ -229,14 +232,14 @@ def _regmean_system(kernels, grams, w, alpha, dtype):
     unseen = jnp.diagonal(a) <= 0
     a = a + jnp.diag(unseen.astype(dtype))
     b = b + unseen[:, None] * mean
-    return a, b, jnp.linalg.eigvalsh(a)
+    return jnp.linalg.solve(a, b), jnp.linalg.eigvalsh(a)
 
 
 def _regmean_leaf(kernels, grams, w, alpha, where: str):
     """W* for one layer: kernels [M, d_in, ...], grams [M, d_in, d_in], w [M]."""
     dtype = _solve_dtype()
     d = grams.shape[1]
-    a, b, eig = _regmean_system(kernels, grams, w, alpha, dtype)
+    merged, eig = _regmean_system(kernels, grams, w, alpha, dtype)
     eig = np.asarray(eig)
     tiny = eig.max() * d * float(jnp.finfo(dtype).eps)
     if not np.all(np.isfinite(eig)) or eig.min() <= tiny:
@@ -248,7 +251,6 @@ def _regmean_leaf(kernels, grams, w, alpha, where: str):
             fix="use alpha < 1 (shrinks the off-diagonal Gram entries), accumulate more "
             "inputs, or enable float64 (jax.config.update('jax_enable_x64', True))",
         )
-    merged = jnp.linalg.solve(a, b)
     return merged.reshape(kernels.shape[1:]).astype(kernels.dtype)
 
 
