@@ -337,3 +337,11 @@ def test_other_bad_input():
     # a spec is hashable (a static jit argument) and equal to a rebuilt one
     assert hash(spec) == hash(mlp_classifier_spec(mlp(3))) and spec == mlp_classifier_spec(mlp(3))
     assert permute.__all__ == sorted(permute.__all__)
+    linear_only = nnx.state(MLPClassifier(5, (), 3, rngs=nnx.Rngs(0)), nnx.Param)
+    assert mlp_classifier_spec(linear_only).names == ()
+    assert (
+        weight_matching(
+            mlp_classifier_spec(linear_only), linear_only, linear_only, key=jax.random.key(0)
+        )
+        == {}
+    )

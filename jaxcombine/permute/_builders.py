@@ -82,9 +82,9 @@ def _shapes(params_or_model: PyTree) -> dict[str, tuple[int, ...]]:
     return {p: tuple(x.shape) for p, x in zip(paths, arrays, strict=True)}
 
 
-def _layer_count(shapes, pattern: str, what: str) -> int:
+def _layer_count(shapes, pattern: str, what: str, *, allow_none: bool = False) -> int:
     indices = {int(m.group(1)) for p in shapes if (m := re.match(pattern, p))}
-    if not indices:
+    if not indices and not allow_none:
         raise PermutationSpecError(
             f"no {what} layers found; leaf paths start {sorted(shapes)[:6]}",
             where="spec builder",
@@ -108,10 +108,13 @@ def mlp_classifier_spec(params_or_model: PyTree) -> PermutationSpec:
     """The spec of a :class:`jaxcombine.models.MLPClassifier`.
 
     Hidden layer k's units (``layers/k`` output, ``layers/k+1`` or ``head``
-    input) are permutation ``hidden_k``; inputs and classes are not permuted.
+    input) are permutation ``hidden_k``; inputs and classes are not permuted
+    (a classifier without hidden layers has no permutations).
     """
     shapes = _shapes(params_or_model)
-    n = _layer_count(shapes, r"layers/(\d+)/kernel$", "MLPClassifier")
+    n = _layer_count(
+        shapes, r"layers/(\d+)/kernel$", "MLPClassifier", allow_none="head/kernel" in shapes
+    )
     names = [f"layers/{k}" for k in range(n)] + ["head"]
     return _validated(dense_chain_axes(names), shapes, "MLPClassifier")
 
