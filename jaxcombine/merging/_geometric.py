@@ -71,6 +71,10 @@ def _io_dtype(base: jax.Array | None, models: jax.Array):
     return models.dtype if base is None else jnp.result_type(base.dtype, models.dtype)
 
 
+def _arrays(base, models):
+    return (None if base is None else jnp.asarray(base)), jnp.asarray(models)
+
+
 def _norm(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
     """Euclidean norm whose gradient at zero is 0, not NaN."""
     sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)
@@ -180,6 +184,7 @@ def slerp_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
     interpolation factor (any real number; it may also be a traced scalar).
     Collinear and antipodal pairs (|cos θ| > 0.9995) are interpolated linearly.
     """
+    base, models = _arrays(base, models)
     _check_inputs(
         "slerp",
         base,
@@ -249,7 +254,13 @@ def nuslerp_leaf(
     ``nuslerp_flatten`` (default): one direction for the whole tensor; otherwise
     one per row along the last axis, or along the first axis if
     ``nuslerp_row_wise``.
+
+    As in mergekit, the (anti)parallel test 1 - cos²θ <= 1e-16 is finer than
+    float32 resolution, so it fires only when cos θ rounds to exactly ±1; an
+    antiparallel row that misses it divides by sin θ ~ 3e-4 and comes out very
+    large, in mergekit as here (which rows miss it depends on rounding).
     """
+    base, models = _arrays(base, models)
     _check_inputs(
         "nuslerp",
         base,
@@ -293,6 +304,7 @@ def multislerp_leaf(
     This function returns that linear combination (plus the base) for any N,
     finite and without an error, so it can run under ``jax.jit``.
     """
+    base, models = _arrays(base, models)
     _check_inputs(
         "multislerp",
         base,
@@ -363,6 +375,7 @@ def karcher_leaf(
     input is returned unchanged.
     """
     del base
+    models = jnp.asarray(models)
     _check_inputs("karcher", None, models, base_required=False, min_models=1)
     max_iter = _shared_number("karcher", "max_iter", max_iter, integer=True, low=0)
     tol = _shared_number("karcher", "tol", tol)
@@ -387,13 +400,14 @@ def karcher_leaf(
     def step(_, carry):
         mean, done = carry
         dot = jnp.clip(jnp.sum(units * mean, axis=1), -1, 1)  # [N]
-        theta = jnp.arccos(dot)
+        theta = jnp.arccos(jax.lax.stop_gradient(dot))
         active = valid & (theta >= tol)
+        # arccos' is infinite at +-1: differentiate only strictly inside.
+        inside = active & (jnp.abs(dot) < 1)
+        theta = jnp.where(inside, jnp.arccos(jnp.where(inside, dot, 0)), theta)
         theta = jnp.where(active, theta, 1)
         coef = jnp.where(active, alphas * (theta / jnp.sin(theta)), 0)
-        tangent = jnp.zeros_like(mean)
-        for i in range(n):
-            tangent = tangent + coef[i] * (units[i] - dot[i] * mean)
+        tangent = (coef[:, None] * (units - dot[:, None] * mean)).sum(0)
         tangent_norm = _norm(tangent)
         stop = done | (tangent_norm < tol)
         safe_norm = jnp.where(stop, 1, tangent_norm)
@@ -404,9 +418,7 @@ def karcher_leaf(
         return jnp.where(stop, mean, moved), stop
 
     mean, _ = jax.lax.fori_loop(0, max_iter, step, (mean, jnp.zeros((), bool)))
-    scale = jnp.zeros((), work)
-    for i in range(n):
-        scale = scale + (1 / n) * norms[i]
+    scale = ((1 / n) * norms).sum()
     result = jnp.where(count > 0, scale * mean, 0)
     return result.reshape(models.shape[1:]).astype(models.dtype)
 

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
 from jaxcombine.merging._geometric import (
+    _arrays,
     _check_inputs,
     _io_dtype,
     _norm,
@@ -75,6 +76,7 @@ def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = 
     is one row) instead of one for the whole tensor. Where the denominator
     1 + (N - 1) cos θ vanishes the base is kept, as in mergekit.
     """
+    base, models = _arrays(base, models)
     _check_inputs(
         "model_stock",
         base,
@@ -108,6 +110,7 @@ def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = 
 
 def nearswap_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
     """NearSwap of ``models`` [1, ...] into ``base``: w = clip(t / |theta_1 - theta_0|, 0, 1)."""
+    base, models = _arrays(base, models)
     _check_inputs(
         "nearswap",
         base,
@@ -140,6 +143,7 @@ def arcee_fusion_leaf(base: jax.Array, models: jax.Array) -> jax.Array:
     with replacement, so its threshold there is random and differs slightly.
     Returns float32 for 16-bit inputs, like mergekit (its mask is float32).
     """
+    base, models = _arrays(base, models)
     _check_inputs(
         "arcee_fusion",
         base,
@@ -180,6 +184,7 @@ def _ram_vectors(base, models, epsilon, work):
 def ram_leaf(base: jax.Array, models: jax.Array, *, epsilon: float = 1e-5) -> jax.Array:
     """RAM: entries changed (|tau_i| > ``epsilon``) by one model take its change, shared
     entries the mean of the changes. No models: the base."""
+    base, models = _arrays(base, models)
     _check_inputs("ram", base, models, base_required=True)
     epsilon = _shared_number("ram", "epsilon", epsilon)
     dtype = _io_dtype(base, models)
@@ -206,6 +211,7 @@ def ramplus_tl_leaf(
     lambda is computed in float32 as in mergekit (also for float64 inputs), and
     the result is float32 for 16-bit inputs (mergekit promotes by lambda).
     """
+    base, models = _arrays(base, models)
     _check_inputs("ramplus_tl", base, models, base_required=True)
     r = _shared_number("ramplus_tl", "r", r)
     alpha = _shared_number("ramplus_tl", "alpha", alpha)
@@ -232,6 +238,7 @@ def passthrough_leaf(base: jax.Array | None, models: jax.Array, *, scale=None) -
     model, so ``base`` is only used when ``models`` is empty.
     """
     where = "merge_method passthrough"
+    base, models = _arrays(base, models)
     if base is not None and models.ndim >= 1 and models.shape[0] == 0:
         models = base[None]
     _check_inputs(
@@ -294,6 +301,7 @@ def sce_leaf(
     ``int8_mask`` only saves memory in mergekit; accepted and ignored.
     """
     del int8_mask
+    base, models = _arrays(base, models)
     _check_inputs("sce", base, models, base_required=True)
     select_topk = _shared_number("sce", "select_topk", select_topk)
     dtype = _io_dtype(base, models)
