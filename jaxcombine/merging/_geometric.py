@@ -3,7 +3,9 @@
 Each function takes the base tensor ``base`` [...] (or ``None``) and the other
 models stacked on a leading axis, ``models`` [N, ...], and returns one tensor
 of the base's shape, with mergekit 0.1.5's semantics. All arithmetic is in
-float32 (float64 for float64 inputs); the result has the input dtype.
+float32 (float64 for float64 inputs); the result has the input dtype. (mergekit
+runs nuslerp, multislerp and karcher's unit vectors op by op in the input
+dtype, so for 16-bit inputs those results differ by 16-bit rounding.)
 
 **SLERP** (Shoemake 1985; https://en.wikipedia.org/wiki/Slerp), whole tensor
 flattened to one vector, base ``a`` and model ``b``::
@@ -29,10 +31,15 @@ with weights w_i (normalised to sum 1 by default)::
     v   = sum_i w_i (u_i - <u_i, m> m)                      # tangent-space mean
     out = (cos|v|' m + sin|v|' / |v|' · v) · sum_i w_i |x_i|,   |v|' = |v| + eps
 
+(In exact arithmetic v = 0, since sum_i w_i u_i is parallel to m, so this is
+the direction of sum_i w_i u_i scaled by the weighted mean norm; the map is
+kept as mergekit writes it, rounding included.)
+
 **Karcher mean** (the Riemannian centre of mass on the unit sphere;
 Karcher 1977; mergekit's reference arXiv:2603.04972): with unit vectors u_i of
-the inputs whose norm exceeds ``tol`` and uniform weights a_i, start from the
-normalised Euclidean mean m and repeat ``max_iter`` times::
+the inputs whose norm exceeds ``tol`` and equal weights a_i summing to 1 over
+them, start from the normalised Euclidean mean m (the first such u_i if that
+mean is shorter than ``tol``) and repeat ``max_iter`` times::
 
     θ_i = arccos <m, u_i>
     v   = sum_{i: θ_i >= tol} a_i θ_i / sin θ_i · (u_i - cos θ_i m)
@@ -195,6 +202,10 @@ def slerp_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
         rule="slerp interpolates between the base model and exactly one other model;"
         " use multislerp, nuslerp or karcher for more",
     )
+    if t is None:
+        raise ConfigError(
+            "slerp needs t", where="merge_method slerp, parameter t", fix="set t (a number)"
+        )
     dot_threshold, eps = 0.9995, 1e-8
     dtype = _io_dtype(base, models)
     work = _work_dtype(dtype)

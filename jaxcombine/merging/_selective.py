@@ -7,7 +7,10 @@ shape with mergekit 0.1.5's semantics. Task vectors are tau_i = theta_i - theta_
 Arithmetic is in float32 (float64 for float64 inputs); the result has the
 input dtype, except where mergekit's result is promoted to float32
 (``arcee_fusion`` and ``ramplus_tl`` return float32 for 16-bit inputs, as
-mergekit does).
+mergekit does). mergekit runs these methods op by op in the input dtype, so for
+16-bit inputs the results differ from its by 16-bit rounding (and a rounding
+can move an entry across a threshold: arcee_fusion's, RAM's epsilon, SCE's
+top-k).
 
 **Model Stock** (Jang et al. 2024, arXiv:2403.19522): with cos θ the mean
 pairwise cosine between the N task vectors (of the whole tensor, or of each
@@ -120,6 +123,10 @@ def nearswap_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
         max_models=1,
         rule="nearswap takes the base model and exactly one other model",
     )
+    if t is None:
+        raise ConfigError(
+            "nearswap needs t", where="merge_method nearswap, parameter t", fix="set t (a number)"
+        )
     dtype = _io_dtype(base, models)
     work = _work_dtype(dtype)
     a = base.astype(work)
