@@ -175,8 +175,11 @@ def _divide(sums: PyTree, count: jax.Array) -> PyTree:
     return jax.tree.map(lambda s: s / count, sums)
 
 
-def check_weights(weights, n: int, where: str) -> np.ndarray:
-    """Per-model weights as float64 numpy: n finite numbers, not summing to zero."""
+def check_weights(weights, n: int, where: str, *, nonnegative: str | None = None) -> np.ndarray:
+    """Per-model weights as float64 numpy: n finite numbers, not summing to zero.
+
+    ``nonnegative``: if given, negative weights are an error and this says why.
+    """
     if weights is None:
         return np.full(n, 1.0 / n)
     values = np.asarray(weights, dtype=np.float64)
@@ -197,6 +200,12 @@ def check_weights(weights, n: int, where: str) -> np.ndarray:
             f"weights {values.tolist()} sum to zero, and the merge divides by their sum",
             where=where,
             fix="change the weights so that their sum is not zero",
+        )
+    if nonnegative and np.any(values < 0):
+        raise ConfigError(
+            f"weights must be non-negative, got {values.tolist()}",
+            where=where,
+            fix=f"use weights >= 0 ({nonnegative})",
         )
     return values
 
@@ -252,13 +261,12 @@ def fisher_merge(
             where=f"{where}(epsilon)",
             fix="use a small positive value such as 1e-8",
         )
-    w = check_weights(weights, len(models), f"{where}(weights)")
-    if np.any(w < 0):
-        raise ConfigError(
-            f"Fisher merging needs non-negative weights, got {w.tolist()}",
-            where=f"{where}(weights)",
-            fix="use weights >= 0 (a negative weight would make the denominator vanish)",
-        )
+    w = check_weights(
+        weights,
+        len(models),
+        f"{where}(weights)",
+        nonnegative="a negative weight could make the Fisher-weighted denominator vanish",
+    )
     for i, fisher in enumerate(fishers):
         for path, leaf in zip(leaf_paths(fisher), jax.tree.leaves(fisher), strict=True):
             values = np.asarray(leaf)

@@ -299,13 +299,12 @@ def regmean_merge(
             where=f"{where}(alpha)",
             fix="use 1 for exact least squares, smaller values to regularise (e.g. 0.9)",
         )
-    w = check_weights(weights, len(models), f"{where}(weights)")
-    if np.any(w < 0):
-        raise ConfigError(
-            f"RegMean needs non-negative weights, got {w.tolist()}",
-            where=f"{where}(weights)",
-            fix="use weights >= 0 (negative weights make the Gram sum indefinite)",
-        )
+    w = check_weights(
+        weights,
+        len(models),
+        f"{where}(weights)",
+        nonnegative="negative weights make the Gram sum indefinite",
+    )
     keys = set(grams[0])
     for i, g in enumerate(grams[1:], start=1):
         if set(g) != keys:
