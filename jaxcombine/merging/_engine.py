@@ -53,6 +53,9 @@ class Param:
     ``check(value) -> str | None`` returns what is wrong with a value.
     ``arg``: the leaf function's keyword, where mergekit's name is not a valid
     Python name (``lambda`` -> ``lambda_``).
+    ``traced``: the leaf receives the value as an array rather than a static
+    Python value, so tensors that differ only in this value (a weight given as
+    a layer gradient) share one compiled function.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Param:
     default: Any = REQUIRED
     check: Callable[[Any], str | None] | None = None
     arg: str | None = None
+    traced: bool = False
 
     @property
     def keyword(self) -> str:
@@ -329,14 +333,15 @@ def merge(
     if check_finite:
         _check_data(paths, base_leaves, model_leaves)
 
+    traced = {p.keyword for p in method.params if p.traced}
     out = []
     for j, path in enumerate(paths):
         first = base_leaves[j] if base_leaves is not None else model_leaves[0][j]
         if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):
             out.append(first)
             continue
-        kwargs = dict(values[j])
-        static = tuple(sorted(kwargs))
+        kwargs = {k: jnp.asarray(v) if k in traced else v for k, v in values[j].items()}
+        static = tuple(sorted(k for k in kwargs if k not in traced))
         if method.random:
             kwargs["key"] = _tensor_key(key, path)
         stacked = jnp.stack([leaves[j] for leaves in model_leaves])

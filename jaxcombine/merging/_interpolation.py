@@ -21,7 +21,7 @@ from typing import Any
 
 from jaxcombine.merging._engine import MergeMethod, Param, boolean, finite_number, merge
 from jaxcombine.merging._geometric import karcher_leaf, multislerp_leaf, nuslerp_leaf, slerp_leaf
-from jaxcombine.merging._methods import WEIGHT, per_model, weights_sum_nonzero
+from jaxcombine.merging._methods import per_model, weights_sum_nonzero
 from jaxcombine.merging._selective import (
     arcee_fusion_leaf,
     model_stock_leaf,
@@ -36,6 +36,8 @@ Setting = Any
 NUMBER = finite_number()
 POSITIVE = finite_number(0.0, low_open=True)
 FRACTION = finite_number(0.0, 1.0)
+# nuslerp and multislerp branch on their weights in Python, so these stay static.
+WEIGHT = Param("weight", "model", check=NUMBER)
 
 
 def _positive_int(value):
@@ -55,7 +57,7 @@ SPECS = {
         MergeMethod(
             "slerp",
             slerp_leaf,
-            (Param("t", check=NUMBER),),
+            (Param("t", check=NUMBER, traced=True),),
             base="required",
             min_models=1,
             max_models=1,
@@ -107,7 +109,7 @@ SPECS = {
         MergeMethod(
             "nearswap",
             nearswap_leaf,
-            (Param("t", check=finite_number(0.0)),),
+            (Param("t", check=finite_number(0.0), traced=True),),
             base="required",
             min_models=1,
             max_models=1,

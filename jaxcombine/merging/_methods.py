@@ -29,9 +29,9 @@ from jaxcombine.tree import check_same_structure
 
 Setting = Any
 
-WEIGHT = Param("weight", "model", check=finite_number())
+WEIGHT = Param("weight", "model", check=finite_number(), traced=True)
 DENSITY = Param("density", "model", 1.0, finite_number(0.0, 1.0, low_open=True))
-LAMBDA = Param("lambda", "shared", 1.0, finite_number(), arg="lambda_")
+LAMBDA = Param("lambda", "shared", 1.0, finite_number(), arg="lambda_", traced=True)
 INT8_MASK = Param("int8_mask", "shared", False, boolean)
 
 

@@ -134,8 +134,7 @@ def task_arithmetic_leaf(
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
     if normalize or (consensus is not None and disjoint == "mean"):
         mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
+    mixed = mixed * jnp.asarray(lambda_, work)  # may be traced; times 1 is exact
     return (base.astype(work) + mixed).astype(base.dtype)
 
 
