@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcombine.errors import ConfigError
+from jaxcombine.merging._ops import model_sum
 
 
 def _work_dtype(dtype):
@@ -347,18 +348,18 @@ def multislerp_leaf(
 
     norms = _norm(flat, axis=-1, keepdims=True)  # [N, 1]
     units = flat / (norms + eps)
-    mean = (units * wv[:, None]).sum(0)
+    mean = model_sum(units * wv[:, None])
     mean_norm = _norm(mean)
     degenerate = mean_norm < eps
     mean = mean / jnp.where(degenerate, 1, mean_norm)
 
     dots = (units * mean).sum(-1, keepdims=True)
-    tangent = ((units - dots * mean) * wv[:, None]).sum(0)
+    tangent = model_sum((units - dots * mean) * wv[:, None])
     tangent_norm = _norm(tangent) + eps
     result = mean * jnp.cos(tangent_norm) + tangent * (jnp.sin(tangent_norm) / tangent_norm)
     result = result * (norms[:, 0] * wv).sum()
 
-    linear = (flat * wv[:, None]).sum(0)
+    linear = model_sum(flat * wv[:, None])
     result = jnp.where(degenerate, linear, result).reshape(models.shape[1:])
     if base is not None:
         result = result + base.astype(work)
@@ -402,7 +403,7 @@ def karcher_leaf(
     count = valid.sum()
     alphas = jnp.where(valid, 1 / jnp.maximum(count, 1).astype(work), 0)
 
-    mean = (alphas[:, None] * units).sum(0)
+    mean = model_sum(alphas[:, None] * units)
     mean_norm = _norm(mean)
     small = mean_norm < tol
     first_valid = units[jnp.argmax(valid)]
@@ -418,7 +419,7 @@ def karcher_leaf(
         theta = jnp.where(inside, jnp.arccos(jnp.where(inside, dot, 0)), theta)
         theta = jnp.where(active, theta, 1)
         coef = jnp.where(active, alphas * (theta / jnp.sin(theta)), 0)
-        tangent = (coef[:, None] * (units - dot[:, None] * mean)).sum(0)
+        tangent = model_sum(coef[:, None] * (units - dot[:, None] * mean))
         tangent_norm = _norm(tangent)
         stop = done | (tangent_norm < tol)
         safe_norm = jnp.where(stop, 1, tangent_norm)

@@ -70,6 +70,7 @@ from jaxcombine.merging._geometric import (
     _shared_number,
     _work_dtype,
 )
+from jaxcombine.merging._ops import model_sum
 
 
 def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = False) -> jax.Array:
@@ -107,7 +108,7 @@ def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = 
     denominator = 1 + (n - 1) * cos_theta
     singular = jnp.abs(denominator) < 1e-6
     t = jnp.where(singular, 0, (n * cos_theta) / jnp.where(singular, 1, denominator))
-    average = ws.sum(axis=0) / n
+    average = model_sum(ws) / n
     return (t * average + (1 - t) * w0).reshape(base.shape).astype(dtype)
 
 
@@ -184,7 +185,7 @@ def _ram_vectors(base, models, epsilon, work):
     n = models.shape[0]
     tv = (models.astype(work) - base.astype(work)[None]).reshape(n, -1)
     nonzero = jnp.abs(tv) > epsilon  # [N, D]
-    counts = nonzero.sum(axis=0)  # [D]
+    counts = model_sum(nonzero.astype(jnp.int32))  # [D]
     return tv, nonzero, counts, counts > 1, counts == 1
 
 
@@ -200,7 +201,7 @@ def ram_leaf(base: jax.Array, models: jax.Array, *, epsilon: float = 1e-5) -> ja
     work = _work_dtype(dtype)
     tv, nonzero, counts, overlap, unique = _ram_vectors(base, models, epsilon, work)
     tv = tv * nonzero
-    merged = (tv * unique + tv * overlap / jnp.maximum(counts, 1)).sum(axis=0)
+    merged = model_sum(tv * unique + tv * overlap / jnp.maximum(counts, 1))
     return (base.astype(work) + merged.reshape(base.shape)).astype(dtype)
 
 
@@ -234,7 +235,7 @@ def ramplus_tl_leaf(
     lambda_ = 1 + jnp.float32(r) * jnp.clip(rho, 0, jnp.float32(alpha))
     tv = tv * nonzero
     scaled = tv * unique * lambda_.astype(work)[:, None]
-    merged = (scaled + tv * overlap / jnp.maximum(counts, 1)).sum(axis=0)
+    merged = model_sum(scaled + tv * overlap / jnp.maximum(counts, 1))
     return (base.astype(work) + merged.reshape(base.shape)).astype(dtype)
 
 
@@ -284,8 +285,8 @@ def _topk_variance_mask(tv: jax.Array, density: float) -> jax.Array:
     Ties at the cut are broken by position (torch.topk leaves the order unspecified).
     """
     n, d = tv.shape
-    mean = tv.sum(axis=0) / n
-    var = jnp.square(tv - mean).sum(axis=0) / n
+    mean = model_sum(tv) / n
+    var = model_sum(jnp.square(tv - mean)) / n
     var = jnp.where(jnp.all(tv == tv[:1], axis=0), 0, var)  # exact zeros, like Welford's
     nonzero = jnp.count_nonzero(var)
     k = jnp.floor(nonzero.astype(jnp.float32) * jnp.float32(density)).astype(jnp.int32)
@@ -321,14 +322,14 @@ def sce_leaf(
         tv = tv * 0
     elif select_topk < 1:
         tv = tv * _topk_variance_mask(tv, select_topk)[None]
-    elected = jnp.where(tv.sum(axis=0) >= 0, 1, -1)
+    elected = jnp.where(model_sum(tv) >= 0, 1, -1)
     agree = jnp.sign(tv) == elected  # [N, D]
     weights = jnp.square(tv).mean(axis=1)  # [N]
     weight_sum = weights.sum()
     tiny = jnp.abs(weight_sum) < 1e-6
     weights = jnp.where(tiny, 1 / n, weights / jnp.where(tiny, 1, weight_sum))
     erased = weights[:, None] * agree
-    merged = (tv * erased).sum(axis=0) / jnp.maximum(erased.sum(axis=0), 1e-6)
+    merged = model_sum(tv * erased) / jnp.maximum(model_sum(erased), 1e-6)
     return (base.astype(work) + merged.reshape(base.shape)).astype(dtype)
 
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
+from jaxcombine.merging._ops import model_sum
 from jaxcombine.merging._sparsify import sparsify as sparsify_tensor
 
 CONSENSUS_METHODS = ("sum", "count")
@@ -53,9 +54,9 @@ def sign_consensus(deltas: jax.Array, method: str = "sum") -> jax.Array:
     """
     sign = jnp.sign(deltas)
     if method == "sum":
-        elected = jnp.where(deltas.sum(axis=0) >= 0, 1.0, -1.0)
+        elected = jnp.where(model_sum(deltas) >= 0, 1.0, -1.0)
     elif method == "count":
-        elected = jnp.where(sign.sum(axis=0) >= 0, 1.0, -1.0)
+        elected = jnp.where(model_sum(sign) >= 0, 1.0, -1.0)
     else:
         raise ConfigError(
             f"unknown consensus method {method!r}",
@@ -122,15 +123,15 @@ def task_arithmetic_leaf(
     if consensus is not None:
         mask = sign_consensus(weighted, consensus)
         if disjoint == "mean":
-            mixed = (deltas * mask).sum(axis=0)
-            divisor = mask.sum(axis=0)
+            mixed = model_sum(deltas * mask)
+            divisor = model_sum(mask)
         else:
-            mixed = (weighted * mask).sum(axis=0)
-            divisor = (w * mask).sum(axis=0)
+            mixed = model_sum(weighted * mask)
+            divisor = model_sum(w * mask)
         divisor = jnp.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = weighted.sum(axis=0)
-        divisor = w.sum(axis=0)
+        mixed = model_sum(weighted)
+        divisor = model_sum(w)
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
     if normalize or (consensus is not None and disjoint == "mean"):
         mixed = mixed / divisor
@@ -146,7 +147,7 @@ def linear_leaf(base, models: jax.Array, *, weight, normalize: bool = True) -> j
     del base
     work = _work_dtype(models.dtype)
     w = jnp.asarray(weight, work).reshape((models.shape[0],) + (1,) * (models.ndim - 1))
-    merged = (models.astype(work) * w).sum(axis=0)
+    merged = model_sum(models.astype(work) * w)
     if normalize:
-        merged = merged / w.sum(axis=0)
+        merged = merged / model_sum(w)
     return merged.astype(models.dtype)
