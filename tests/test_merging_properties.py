@@ -261,3 +261,26 @@ def test_errors_in_settings(models):
         merging.linear([ft1, ft2], weights=[1.0, float("nan")])
     with pytest.raises(JaxcombineError, match="one weight setting per model"):
         merging.linear([ft1, ft2], weights=[1.0])
+
+
+# ---- the sort-free top-k against lax.top_k and a stable argsort ---------------------
+
+
+def test_top_k_mask_equals_top_k_and_stable_argsort():
+    from jaxcombine.merging._ops import top_k_mask
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(1, 300))
+        x = np.abs(rng.normal(size=n)).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x * 3) / 3  # many ties and zeros
+        k = int(rng.integers(0, n + 2))
+        kk = min(k, n)
+        low = np.zeros(n, bool)
+        if kk:
+            low[np.asarray(jax.lax.top_k(x, kk)[1])] = True
+        high = np.zeros(n, bool)
+        high[np.argsort(x, kind="stable")[n - kk :]] = True
+        np.testing.assert_array_equal(np.asarray(top_k_mask(x, k)), low)
+        np.testing.assert_array_equal(np.asarray(top_k_mask(x, k, ties="high")), high)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
 from jaxcombine.merging._engine import MergeMethod, Param, boolean, finite_number, merge
+from jaxcombine.merging._ops import kth_largest_bits, magnitude_bits
 from jaxcombine.merging._sparsify import RESCALE_MODES, check_density
 from jaxcombine.merging._task_arithmetic import linear_leaf, task_arithmetic_leaf
 from jaxcombine.tree import check_same_structure
@@ -342,11 +343,15 @@ def ties(
 def global_magnitude_prune(base, models, densities: Sequence[float]):
     """Each model's task vector pruned to its ``density`` largest |tau| over all tensors.
 
-    Returns base + pruned tau per model; k_i = max(1, int(density_i * total)).
-    Integer leaves are left as they are.
+    Returns base + pruned tau per model; k_i = max(1, int(density_i * total)),
+    exactly k_i entries (ties at the cut taken in leaf order). The threshold is
+    found by counting passes over the leaves (a radix select), so the model is
+    never concatenated. Integer leaves are left as they are.
     """
     check_same_structure([base, *models])
     per_model(len(models), density=densities)
+    is_float = [jnp.issubdtype(jnp.result_type(b), jnp.inexact) for b in jax.tree.leaves(base)]
+    base_leaves = [jnp.asarray(b, jnp.float32) for b in jax.tree.leaves(base)]
     out = []
     for i, (model, density) in enumerate(zip(models, densities, strict=True)):
         if isinstance(density, bool) or not isinstance(density, (int, float)):
@@ -356,23 +361,26 @@ def global_magnitude_prune(base, models, densities: Sequence[float]):
                 fix="pass plain numbers, or use topk='tensor' for per-tensor rules",
             )
         check_density(density, "magnitude", where=f"densities[{i}]")
-        floats = [
-            (jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32)).reshape(-1)
-            for b, m in zip(jax.tree.leaves(base), jax.tree.leaves(model), strict=True)
-            if jnp.issubdtype(jnp.result_type(b), jnp.inexact)
-        ]
-        magnitudes = jnp.abs(jnp.concatenate(floats))
-        k = max(1, int(density * magnitudes.size))
-        threshold = jax.lax.top_k(magnitudes, k)[0][-1]
-
-        def prune(b, m, threshold=threshold):
-            if not jnp.issubdtype(jnp.result_type(b), jnp.inexact):
-                return m
-            tau = jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32)
-            kept = jnp.where(jnp.abs(tau) >= threshold, tau, 0.0)
-            return (jnp.asarray(b, jnp.float32) + kept).astype(jnp.result_type(m))
-
-        out.append(jax.tree.map(prune, base, model))
+        leaves = jax.tree.leaves(model)
+        taus = [jnp.asarray(m, jnp.float32) - b for m, b in zip(leaves, base_leaves, strict=True)]
+        bits = [magnitude_bits(jnp.abs(t)) for t, f in zip(taus, is_float, strict=True) if f]
+        k = max(1, int(density * sum(b.size for b in bits)))
+        threshold = kth_largest_bits(bits, k)
+        # Entries above the k-th largest magnitude, then ties in leaf order up to k.
+        room = k - sum(int(jnp.sum(b > threshold)) for b in bits)
+        pruned, float_index = [], 0
+        for leaf, base_leaf, tau, floating in zip(leaves, base_leaves, taus, is_float, strict=True):
+            if not floating:
+                pruned.append(leaf)
+                continue
+            b = bits[float_index]
+            float_index += 1
+            tied = b == threshold
+            keep = (b > threshold) | (tied & (jnp.cumsum(tied) <= room))
+            room -= int(jnp.sum(tied & keep))
+            kept = jnp.where(keep.reshape(tau.shape), tau, 0.0)
+            pruned.append((base_leaf + kept).astype(jnp.result_type(leaf)))
+        out.append(jax.tree.unflatten(jax.tree.structure(model), pruned))
     return out
 
 

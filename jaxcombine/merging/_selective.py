@@ -70,7 +70,7 @@ from jaxcombine.merging._geometric import (
     _shared_number,
     _work_dtype,
 )
-from jaxcombine.merging._ops import model_sum
+from jaxcombine.merging._ops import model_sum, top_k_mask
 
 
 def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = False) -> jax.Array:
@@ -290,9 +290,7 @@ def _topk_variance_mask(tv: jax.Array, density: float) -> jax.Array:
     var = jnp.where(jnp.all(tv == tv[:1], axis=0), 0, var)  # exact zeros, like Welford's
     nonzero = jnp.count_nonzero(var)
     k = jnp.floor(nonzero.astype(jnp.float32) * jnp.float32(density)).astype(jnp.int32)
-    order = jnp.argsort(-var, stable=True)
-    rank = jnp.zeros((d,), jnp.int32).at[order].set(jnp.arange(d, dtype=jnp.int32))
-    return (rank < k).astype(tv.dtype)
+    return top_k_mask(var, k).astype(tv.dtype)
 
 
 def sce_leaf(

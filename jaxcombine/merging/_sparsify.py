@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
+from jaxcombine.merging._ops import top_k_mask
 
 SPARSIFY_METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALE_MODES = ("l1", "density", "probability")
@@ -51,8 +52,7 @@ def magnitude_mask(delta: jax.Array, density: float) -> jax.Array:
     if density <= 0 or delta.size == 0:
         return jnp.zeros_like(delta)
     k = max(1, int(density * delta.size))
-    _, keep = jax.lax.top_k(jnp.abs(delta).reshape(-1).astype(jnp.float32), k)
-    return jnp.zeros(delta.size, delta.dtype).at[keep].set(1).reshape(delta.shape)
+    return top_k_mask(jnp.abs(delta), k).astype(delta.dtype)
 
 
 def magnitude_outliers_mask(delta: jax.Array, density: float, gamma: float = 0.01) -> jax.Array:
@@ -67,9 +67,12 @@ def magnitude_outliers_mask(delta: jax.Array, density: float, gamma: float = 0.0
     n = delta.size
     target = int(density * n)
     n_bot = max(0, n - target - int(gamma * n))
-    order = jnp.argsort(jnp.abs(delta).reshape(-1).astype(jnp.float32))
-    keep = order[n_bot : n_bot + target]
-    return jnp.zeros(n, delta.dtype).at[keep].set(1).reshape(delta.shape)
+    # Ranks [n_bot, n_bot + target) of a stable ascending sort: the n - n_bot largest
+    # minus the n - n_bot - target largest, equal values ordered by index.
+    magnitudes = jnp.abs(delta)
+    kept = top_k_mask(magnitudes, n - n_bot, ties="high")
+    outliers = top_k_mask(magnitudes, n - n_bot - target, ties="high")
+    return (kept & ~outliers).astype(delta.dtype)
 
 
 def della_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax.Array:
