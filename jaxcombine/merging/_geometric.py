@@ -353,7 +353,7 @@ def multislerp_leaf(
     degenerate = mean_norm < eps
     mean = mean / jnp.where(degenerate, 1, mean_norm)
 
-    dots = (units * mean).sum(-1, keepdims=True)
+    dots = (units @ mean)[:, None]  # a mat-vec: XLA:CPU runs (units * mean).sum(-1) slowly
     tangent = model_sum((units - dots * mean) * wv[:, None])
     tangent_norm = _norm(tangent) + eps
     result = mean * jnp.cos(tangent_norm) + tangent * (jnp.sin(tangent_norm) / tangent_norm)

@@ -83,7 +83,10 @@ def della_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax
     """
     x = delta[None] if delta.ndim < 2 else delta
     magnitudes = jnp.abs(x).astype(jnp.float32)
-    ranks = jnp.argsort(jnp.argsort(magnitudes, axis=1), axis=1).astype(jnp.float32)
+    order = jnp.argsort(magnitudes, axis=1)  # one sort; its inverse permutation is the rank
+    rows = jnp.arange(x.shape[0])[:, None]
+    columns = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.float32), x.shape)
+    ranks = jnp.zeros(x.shape, jnp.float32).at[rows, order].set(columns)
     length = x.shape[1]
     rank_norm = jnp.clip(ranks / max(length - 1, 1), 0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
