@@ -114,6 +114,18 @@ def test_della_probability_rescale_divides_by_each_keep_probability(models):
         np.testing.assert_allclose(scaled[name], raw[name] / probs, rtol=1e-5, atol=1e-6)
 
 
+def test_della_probabilities_equal_ranks_by_double_argsort():
+    """The one-sort ranks against numpy's argsort of argsort, per row (no ties in the data)."""
+    rng = np.random.default_rng(1)
+    for shape in [(7, 33), (33,), (4, 5, 6)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        rows = np.abs(x[None] if x.ndim < 2 else x)
+        ranks = rows.argsort(axis=1).argsort(axis=1) / max(rows.shape[1] - 1, 1)
+        expected = (0.4 - 0.15) + ranks * 2 * 0.15
+        got = np.asarray(merging.della_probabilities(x, 0.4, 0.15))
+        np.testing.assert_allclose(got, expected.reshape(shape), atol=1e-6)
+
+
 # ---- the papers' variants against numpy ----------------------------------------------
 
 

@@ -82,12 +82,18 @@ def della_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax
     mergekit does; a row of one entry gets rank 0.
     """
     x = delta[None] if delta.ndim < 2 else delta
-    magnitudes = jnp.abs(x).astype(jnp.float32)
-    order = jnp.argsort(magnitudes, axis=1)  # one sort; its inverse permutation is the rank
-    rows = jnp.arange(x.shape[0])[:, None]
-    columns = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.float32), x.shape)
-    ranks = jnp.zeros(x.shape, jnp.float32).at[rows, order].set(columns)
-    length = x.shape[1]
+    # Rows along axis 1: move it last and flatten the rest into [R, L].
+    moved = jnp.moveaxis(jnp.abs(x).astype(jnp.float32), 1, -1)
+    length = moved.shape[-1]
+    rows = moved.reshape(-1, length)
+    order = jnp.argsort(rows, axis=1)  # one sort; its inverse permutation is the rank
+    columns = jnp.broadcast_to(jnp.arange(length, dtype=jnp.float32), rows.shape)
+    ranks = (
+        jnp.zeros(rows.shape, jnp.float32)
+        .at[jnp.arange(rows.shape[0])[:, None], order]
+        .set(columns)
+    )
+    ranks = jnp.moveaxis(ranks.reshape(moved.shape), -1, 1)
     rank_norm = jnp.clip(ranks / max(length - 1, 1), 0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     return probs.reshape(delta.shape)
