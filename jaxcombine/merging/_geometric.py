@@ -67,11 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcombine.errors import ConfigError
-from jaxcombine.merging._ops import model_sum
-
-
-def _work_dtype(dtype):
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+from jaxcombine.merging._ops import model_sum, work_dtype
 
 
 def _io_dtype(base: jax.Array | None, models: jax.Array):
@@ -209,7 +205,7 @@ def slerp_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
         )
     dot_threshold, eps = 0.9995, 1e-8
     dtype = _io_dtype(base, models)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     a = base.astype(work).reshape(-1)
     b = models[0].astype(work).reshape(-1)
     t = jnp.asarray(t, work)
@@ -287,7 +283,7 @@ def nuslerp_leaf(
     total = w[0] + w[1]
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
     dtype = _io_dtype(base, models)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     v0, v1 = models[0].astype(work), models[1].astype(work)
     opts = dict(row_wise=bool(nuslerp_row_wise), flatten=bool(nuslerp_flatten))
     if base is None:
@@ -337,7 +333,7 @@ def multislerp_leaf(
     dtype = _io_dtype(base, models)
     if n == 1:
         return models[0].astype(dtype)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     x = models.astype(work)
     if base is not None:
         x = x - base.astype(work)[None]
@@ -394,7 +390,7 @@ def karcher_leaf(
     n = models.shape[0]
     if n == 1:
         return models[0]
-    work = _work_dtype(models.dtype)
+    work = work_dtype(models.dtype)
     x = models.astype(work).reshape(n, -1)
     norms = _norm(x, axis=1)  # [N]
     zero = norms == 0

@@ -17,6 +17,11 @@ import jax
 import jax.numpy as jnp
 
 
+def work_dtype(dtype):
+    """The dtype merges compute in: float64 for float64 inputs, else float32."""
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
 def model_sum(x: jax.Array) -> jax.Array:
     """sum_i x[i] over the leading axis, unrolled (N is static)."""
     return functools.reduce(operator.add, [x[i] for i in range(x.shape[0])])

@@ -68,9 +68,8 @@ from jaxcombine.merging._geometric import (
     _io_dtype,
     _norm,
     _shared_number,
-    _work_dtype,
 )
-from jaxcombine.merging._ops import model_sum, top_k_mask
+from jaxcombine.merging._ops import model_sum, top_k_mask, work_dtype
 
 
 def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = False) -> jax.Array:
@@ -91,7 +90,7 @@ def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = 
     )
     n = models.shape[0]
     dtype = _io_dtype(base, models)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     w0 = base.astype(work)
     ws = models.astype(work)
     if not filter_wise or base.ndim <= 1:
@@ -129,7 +128,7 @@ def nearswap_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
             "nearswap needs t", where="merge_method nearswap, parameter t", fix="set t (a number)"
         )
     dtype = _io_dtype(base, models)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     a = base.astype(work)
     b = models[0].astype(work)
     weight = jnp.clip(t / jnp.maximum(jnp.abs(a - b), 1e-6), 0, 1)
@@ -162,7 +161,7 @@ def arcee_fusion_leaf(base: jax.Array, models: jax.Array) -> jax.Array:
         rule="arcee_fusion takes the base model and exactly one other model",
     )
     dtype = jnp.result_type(_io_dtype(base, models), jnp.float32)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     b = base.astype(work)
     m = models[0].astype(work)
     if b.ndim == 0:
@@ -198,7 +197,7 @@ def ram_leaf(base: jax.Array, models: jax.Array, *, epsilon: float = 1e-5) -> ja
     dtype = _io_dtype(base, models)
     if models.shape[0] == 0:
         return base.astype(dtype)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     tv, nonzero, counts, overlap, unique = _ram_vectors(base, models, epsilon, work)
     tv = tv * nonzero
     merged = model_sum(tv * unique + tv * overlap / jnp.maximum(counts, 1))
@@ -227,7 +226,7 @@ def ramplus_tl_leaf(
     dtype = jnp.result_type(_io_dtype(base, models), jnp.float32)
     if models.shape[0] == 0:
         return base.astype(_io_dtype(base, models))
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     tv, nonzero, counts, overlap, unique = _ram_vectors(base, models, epsilon, work)
     shared_counts = (nonzero & overlap).sum(axis=1).astype(jnp.float32)
     unique_counts = (nonzero & unique).sum(axis=1).astype(jnp.float32)
@@ -274,7 +273,7 @@ def passthrough_leaf(base: jax.Array | None, models: jax.Array, *, scale=None) -
     if value is None:
         return x
     _shared_number("passthrough", "scale", value)
-    work = _work_dtype(x.dtype)
+    work = work_dtype(x.dtype)
     return (x.astype(work) * value).astype(x.dtype)
 
 
@@ -314,7 +313,7 @@ def sce_leaf(
     n = models.shape[0]
     if n == 0:
         return base.astype(dtype)
-    work = _work_dtype(dtype)
+    work = work_dtype(dtype)
     tv = (models.astype(work) - base.astype(work)[None]).reshape(n, -1)
     if select_topk <= 0:
         tv = tv * 0

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
-from jaxcombine.merging._ops import model_sum
+from jaxcombine.merging._ops import model_sum, work_dtype
 from jaxcombine.merging._sparsify import sparsify as sparsify_tensor
 
 CONSENSUS_METHODS = ("sum", "count")
@@ -64,10 +64,6 @@ def sign_consensus(deltas: jax.Array, method: str = "sum") -> jax.Array:
             fix="use 'sum' (TIES's election by mass) or 'count' (majority of signs)",
         )
     return (sign == elected).astype(deltas.dtype)
-
-
-def _work_dtype(dtype):
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def task_arithmetic_leaf(
@@ -98,7 +94,7 @@ def task_arithmetic_leaf(
     """
     del int8_mask
     n = models.shape[0]
-    work = _work_dtype(base.dtype)
+    work = work_dtype(base.dtype)
     deltas = models.astype(work) - base.astype(work)[None]
     if sparsify is not None:
         mode = "l1" if rescale is True else (rescale or None)
@@ -145,7 +141,7 @@ def linear_leaf(base, models: jax.Array, *, weight, normalize: bool = True) -> j
     ``base`` is unused (mergekit's linear ignores the base model).
     """
     del base
-    work = _work_dtype(models.dtype)
+    work = work_dtype(models.dtype)
     w = jnp.asarray(weight, work).reshape((models.shape[0],) + (1,) * (models.ndim - 1))
     merged = model_sum(models.astype(work) * w)
     if normalize:
