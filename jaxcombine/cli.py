@@ -3,6 +3,9 @@
     jaxcombine generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
             [--greedy | --temperature T --top-k K --top-p P --seed S] [--json]
     jaxcombine score --model DIR --text-file F [--json]
+    jaxcombine merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
+            [--dry-run] [--overwrite] [--quiet] [--json]
+    jaxcombine extract-lora --model DIR --base DIR --out DIR --max-rank R [--overwrite]
 
 ``--prompt`` and ``--prompt-ids`` may be repeated: the prompts are decoded as
 one left-padded batch. Errors print one message (what, where, how to fix) and
@@ -119,6 +122,36 @@ def cmd_score(args) -> dict:
     }
 
 
+def cmd_merge(args) -> dict:
+    from jaxcombine.merging.mergekit import load_merge_config, plan_merge, run_merge
+
+    config = load_merge_config(args.config)
+    plan = plan_merge(config)
+    if args.dry_run:
+        return {"plan": plan.describe(), "dry_run": True}
+    summary = run_merge(
+        plan,
+        args.out_dir,
+        seed=args.random_seed,
+        out_shard_size=args.out_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    return summary
+
+
+def cmd_extract_lora(args) -> dict:
+    from jaxcombine.lora import extract_lora
+
+    return extract_lora(
+        args.model,
+        args.base,
+        args.out,
+        max_rank=args.max_rank,
+        overwrite=args.overwrite,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxcombine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"jaxcombine {__version__}")
@@ -153,6 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sc.add_argument("--batch-size", type=int, default=8)
     sc.set_defaults(run=cmd_score)
+
+    mg = sub.add_parser("merge", help="merge checkpoints from a mergekit YAML config")
+    mg.add_argument("config", help="mergekit YAML config")
+    mg.add_argument("out_dir", help="output model directory")
+    mg.add_argument("--random-seed", type=int, default=0, help="seed for random methods")
+    mg.add_argument("--out-shard-size", default="5B", help="max shard size (5B = 5e9 bytes)")
+    mg.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.add_argument("--json", action="store_true", help="print one JSON object")
+    mg.set_defaults(run=cmd_merge)
+
+    lo = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from model - base")
+    lo.add_argument("--model", required=True, help="fine-tuned HF model directory")
+    lo.add_argument("--base", required=True, help="base HF model directory")
+    lo.add_argument("--out", required=True, help="output adapter directory")
+    lo.add_argument("--max-rank", type=int, required=True, help="LoRA rank")
+    lo.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    lo.add_argument("--json", action="store_true", help="print one JSON object")
+    lo.set_defaults(run=cmd_extract_lora)
     return parser
 
 
@@ -160,8 +213,12 @@ def _print_human(command: str, result: dict) -> None:
     if command == "generate":
         for tokens, text in zip(result["tokens"], result["text"], strict=True):
             print(text if text is not None else ",".join(map(str, tokens)))
-    else:
+    elif command == "score":
         print(f"tokens {result['tokens']}  nll {result['nll']:.6f}  ppl {result['ppl']:.4f}")
+    elif command == "merge" and result.get("dry_run"):
+        print(result["plan"])
+    else:
+        print(result.get("message", json.dumps(result)))
 
 
 def main(argv: list[str] | None = None) -> int:
