@@ -133,14 +133,15 @@ def resolve(
         indices = [i for i in map(layer_index, paths) if i is not None]
         num_layers = max(indices) + 1 if indices else 1
     if strict:
-        _check_every_rule_matches(setting, paths, where)
+        check_rules_match(setting, paths, where)
     values = [
         evaluate_setting(p, setting, layer_position(p, num_layers), where=where) for p in paths
     ]
     return jax.tree.unflatten(jax.tree.structure(tree), values)
 
 
-def _check_every_rule_matches(setting, paths: list[str], where: str) -> None:
+def check_rules_match(setting, paths: list[str], where: str) -> None:
+    """A ConfigError naming the first ``{filter}``/``{regex}`` rule that matches no path."""
     rules = [setting] if isinstance(setting, Mapping) else setting
     if not isinstance(rules, list) or all(_is_scalar(v) for v in rules):
         return

@@ -247,6 +247,23 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+def shard_names(count: int, prefix: str = "model") -> list[str]:
+    """HF's shard file names: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``."""
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total: int, prefix="model") -> None:
+    """``model.safetensors.index.json`` for a sharded checkpoint."""
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(out_dir / f"{prefix}.safetensors.index.json", "w") as f:
+        json.dump(index, f, indent=2)
+
+
 def write_shards(
     tensors: Iterable[tuple[str, np.ndarray]],
     out_dir: Path,
@@ -283,21 +300,116 @@ def write_shards(
     if pending or not written:
         flush()
 
-    if len(written) == 1:
-        final = out_dir / f"{prefix}.safetensors"
-        written[0][0].rename(final)
-        return [final.name]
-    n = len(written)
-    weight_map, names = {}, []
-    for i, (path, tensor_names) in enumerate(written, start=1):
-        final = out_dir / f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
-        path.rename(final)
-        names.append(final.name)
-        weight_map.update({t: final.name for t in tensor_names})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(out_dir / f"{prefix}.safetensors.index.json", "w") as f:
-        json.dump(index, f, indent=2)
+    names = shard_names(len(written), prefix)
+    weight_map = {}
+    for (path, tensor_names), final in zip(written, names, strict=True):
+        path.rename(out_dir / final)
+        weight_map.update({t: final for t in tensor_names})
+    if len(names) > 1:
+        write_index(out_dir, weight_map, total, prefix)
     return names
+
+
+class ShardWriter:
+    """Safetensors shards written in place, one tensor at a time, in any order.
+
+    Every tensor's name, shape and dtype is known before any data exists (a
+    merge plan), so each shard's header is written first and each tensor's
+    bytes go straight to their offset (``os.pwrite``): memory holds one
+    tensor, not one shard. Shards are cut greedily in the given order at
+    ``max_shard_bytes`` (a tensor larger than that gets a shard of its own).
+    The files are standard safetensors (header: 8-byte little-endian length,
+    JSON padded to 8 bytes, then the data) plus the HF index when sharded.
+
+    Example::
+
+        with ShardWriter(out, [("w", (2, 3), np.float32)], max_shard_bytes=5e9) as w:
+            w.write("w", np.ones((2, 3), np.float32))
+    """
+
+    def __init__(self, out_dir: Path, entries, *, max_shard_bytes: int, prefix: str = "model"):
+        self.out_dir = Path(out_dir)
+        groups: list[list[tuple[str, tuple, np.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            dtype = np.dtype(dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        self.files = shard_names(len(groups), prefix)
+        self.prefix = prefix
+        self._where: dict[str, tuple[int, int, int, tuple, np.dtype]] = {}
+        self._fds: list[int] = []
+        self.total = 0
+        self._written: set[str] = set()
+        try:
+            for shard, (group, file) in enumerate(zip(groups, self.files, strict=True)):
+                self._fds.append(self._start_shard(shard, group, file))
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_shard(self, shard: int, group, file: str) -> int:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in group:
+            code = _DTYPE_CODES.get(dtype)
+            if code is None:
+                raise TensorError(f"cannot write dtype {dtype}", where=name)
+            header[name] = {
+                "dtype": code,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, len(raw).to_bytes(8, "little") + raw)
+        start = 8 + len(raw)
+        os.ftruncate(fd, start + offset)
+        for name, shape, dtype, nbytes in group:
+            begin = header[name]["data_offsets"][0]
+            self._where[name] = (shard, start + begin, nbytes, shape, dtype)
+        self.total += offset
+        return fd
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        shard, position, nbytes, shape, dtype = self._where[name]
+        if array.shape != shape or array.dtype != dtype:
+            raise TensorError(
+                f"planned {shape} {dtype}, got {array.shape} {array.dtype}", where=name
+            )
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        while data.nbytes:
+            done = os.pwrite(self._fds[shard], data, position)
+            data, position = data[done:], position + done
+        self._written.add(name)
+
+    def finish(self) -> list[str]:
+        """Check that every planned tensor was written, close, write the index."""
+        missing = sorted(set(self._where) - self._written)
+        if missing:
+            raise TensorError(f"{len(missing)} planned tensors were not written: {missing[:3]}")
+        self.close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[w[0]] for name, w in self._where.items()}
+            write_index(self.out_dir, weight_map, self.total, self.prefix)
+        return self.files
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def iter_tensors(checkpoint: SafetensorsCheckpoint) -> Iterator[tuple[str, np.ndarray]]:

@@ -129,9 +129,14 @@ _JITTED: dict = {}
 
 
 def _jitted(leaf: Callable, static: tuple[str, ...]):
+    """``leaf`` compiled with the models stacked inside (one compile per static setting)."""
     cache_key = (leaf, static)
     if cache_key not in _JITTED:
-        _JITTED[cache_key] = jax.jit(leaf, static_argnames=static)
+
+        def stacked(base, models, **kwargs):
+            return leaf(base, jnp.stack(models), **kwargs)
+
+        _JITTED[cache_key] = jax.jit(stacked, static_argnames=static)
     return _JITTED[cache_key]
 
 
@@ -183,6 +188,45 @@ def _check_param_names(method: MergeMethod, model_parameters, parameters):
                 )
 
 
+def _checked(method: MergeMethod, param: Param, value, where: str):
+    """A resolved value, the default where unset, checked (or a ConfigError naming ``where``)."""
+    if value is None:
+        if param.default is REQUIRED:
+            raise ConfigError(
+                f"{method.name} needs {param.name!r} and none applies to this tensor",
+                where=where,
+                fix=f"set {param.name} (add a catch-all rule {{value: ...}} if you use filters)",
+            )
+        value = param.default
+    if param.check is not None and value is not None:
+        problem = param.check(value)
+        if problem:
+            sep = "" if problem.startswith("=") else " "
+            raise ConfigError(f"{param.name}{sep}{problem}", where=where)
+    return value
+
+
+def leaf_parameters(method: MergeMethod, path: str, values: Mapping[str, Any]) -> dict:
+    """The leaf function's keywords for one tensor, from already-resolved settings.
+
+    ``values[name]`` is the setting that applies to this tensor (``None``:
+    unset): one value for a shared parameter, one per model for a per-model
+    parameter. Defaults are filled in and every value is checked.
+    """
+    out = dict(method.fixed)
+    for param in method.params:
+        value = values.get(param.name)
+        if param.scope == "shared":
+            out[param.keyword] = _checked(method, param, value, path)
+        else:
+            out[param.keyword] = tuple(
+                _checked(method, param, v, f"{path} (model {i})") for i, v in enumerate(value)
+            )
+    if method.validate is not None:
+        method.validate(out, path)
+    return out
+
+
 def _resolve_params(method, reference, model_parameters, parameters, num_layers):
     """Per leaf path, the dict of static keyword values for the leaf function."""
     paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
@@ -198,48 +242,42 @@ def _resolve_params(method, reference, model_parameters, parameters, num_layers)
             is_leaf=lambda x: x is None,
         )
 
-    values = [dict(method.fixed) for _ in paths]
+    columns = {}
     for param in method.params:
         shared = per_leaf(parameters.get(param.name), f"parameters.{param.name}")
         if param.scope == "shared":
-            columns = [shared]
-        else:
-            columns = [
-                [
-                    own if own is not None else glob
-                    for own, glob in zip(
-                        per_leaf(mp.get(param.name), f"models[{i}].parameters.{param.name}"),
-                        shared,
-                        strict=True,
-                    )
-                ]
-                for i, mp in enumerate(model_parameters)
-            ]
-        for leaf_index, path in enumerate(paths):
-            row = []
-            for model_index, column in enumerate(columns):
-                value = column[leaf_index]
-                where = path if param.scope == "shared" else f"{path} (model {model_index})"
-                if value is None:
-                    if param.default is REQUIRED:
-                        raise ConfigError(
-                            f"{method.name} needs {param.name!r} and none applies to this tensor",
-                            where=where,
-                            fix=f"set {param.name} (add a catch-all rule {{value: ...}} if "
-                            "you use filters)",
-                        )
-                    value = param.default
-                if param.check is not None and value is not None:
-                    problem = param.check(value)
-                    if problem:
-                        sep = "" if problem.startswith("=") else " "
-                        raise ConfigError(f"{param.name}{sep}{problem}", where=where)
-                row.append(value)
-            values[leaf_index][param.keyword] = row[0] if param.scope == "shared" else tuple(row)
-    if method.validate is not None:
-        for path, leaf_values in zip(paths, values, strict=True):
-            method.validate(leaf_values, path)
+            columns[param.name] = shared
+            continue
+        own = [
+            per_leaf(mp.get(param.name), f"models[{i}].parameters.{param.name}")
+            for i, mp in enumerate(model_parameters)
+        ]
+        columns[param.name] = [
+            tuple(o[j] if o[j] is not None else shared[j] for o in own) for j in range(len(paths))
+        ]
+    values = [
+        leaf_parameters(method, path, {name: col[j] for name, col in columns.items()})
+        for j, path in enumerate(paths)
+    ]
     return paths, values
+
+
+def merge_leaf(method: MergeMethod, base, models: Sequence, values: Mapping[str, Any], *, key=None):
+    """One tensor merged: ``method.leaf`` jitted, static settings as static arguments.
+
+    ``models`` are the fine-tuned tensors (stacked inside the compiled
+    function), ``values`` the keywords from :func:`leaf_parameters`, ``key`` the
+    tensor's own key for random methods. Integer tensors are returned unchanged.
+    """
+    first = base if base is not None else models[0]
+    if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):
+        return first
+    traced = {p.keyword for p in method.params if p.traced}
+    kwargs = {k: jnp.asarray(v) if k in traced else v for k, v in values.items()}
+    static = tuple(sorted(k for k in kwargs if k not in traced))
+    if method.random:
+        kwargs["key"] = key
+    return _jitted(method.leaf, static)(base, tuple(models), **kwargs)
 
 
 def _check_data(paths, base_leaves, model_leaves):
@@ -333,18 +371,14 @@ def merge(
     if check_finite:
         _check_data(paths, base_leaves, model_leaves)
 
-    traced = {p.keyword for p in method.params if p.traced}
-    out = []
-    for j, path in enumerate(paths):
-        first = base_leaves[j] if base_leaves is not None else model_leaves[0][j]
-        if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):
-            out.append(first)
-            continue
-        kwargs = {k: jnp.asarray(v) if k in traced else v for k, v in values[j].items()}
-        static = tuple(sorted(k for k in kwargs if k not in traced))
-        if method.random:
-            kwargs["key"] = _tensor_key(key, path)
-        stacked = jnp.stack([leaves[j] for leaves in model_leaves])
-        b = jnp.asarray(base_leaves[j]) if base_leaves is not None else None
-        out.append(_jitted(method.leaf, static)(b, stacked, **kwargs))
+    out = [
+        merge_leaf(
+            method,
+            base_leaves[j] if base_leaves is not None else None,
+            [leaves[j] for leaves in model_leaves],
+            values[j],
+            key=_tensor_key(key, path) if method.random else None,
+        )
+        for j, path in enumerate(paths)
+    ]
     return jax.tree.unflatten(treedef, out)
