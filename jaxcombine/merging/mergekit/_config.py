@@ -388,7 +388,9 @@ def parse_merge_config(
         slices = _slices(raw["slices"], "slices")
     chat_template = raw.get("chat_template")
     if chat_template is not None and not isinstance(chat_template, str):
-        raise ConfigError(f"chat_template must be a string, got {chat_template!r}", where="chat")
+        raise ConfigError(
+            f"chat_template must be a string, got {chat_template!r}", where="chat_template"
+        )
     parameters = _parameters(raw.get("parameters"), "parameters")
     tokenizer = _tokenizer(raw, "config")
     config_dir = Path(config_dir) if config_dir is not None else None

@@ -216,7 +216,9 @@ def _slice_ranges(config: MergeConfig, models) -> list[list[tuple[int, int]]]:
         if len({e - b for b, e in ranges}) > 1:
             raise ConfigError(
                 "the models of one merge have different layer counts: "
-                + ", ".join(f"{src.model} {e - b}" for src, (b, e) in zip(s.sources, ranges)),
+                + ", ".join(
+                    f"{src.model} {e - b}" for src, (b, e) in zip(s.sources, ranges, strict=True)
+                ),
                 where=f"slices[{i}]" if not config.from_models else "models",
                 fix="merge models with equal layer counts, or use slices with equal ranges",
             )
@@ -301,7 +303,7 @@ class _Planner:
         infos = self.models[model].checkpoint.infos
         if name in infos:
             return name
-        if name.endswith(HEAD) and name == HEAD:  # tied: the embedding stands in for the head
+        if name == HEAD:  # tied: the embedding stands in for the head
             tied = [n for n in infos if _VOCAB.search(n) and "embed" in n]
             return tied[0] if tied else None
         return None
@@ -309,11 +311,7 @@ class _Planner:
     def add(self, out_slice, index, name, inputs: list[tuple[int, str]], t: float, base_j):
         """Plan output ``name`` from ``inputs``: (source index, tensor name in that source)."""
         models = [(j, self.config.slices[index].sources[j].model, n) for j, n in inputs]
-        shapes = {}
-        for j, model, tensor in models:
-            info = self.models[model].checkpoint.infos[tensor]
-            shapes[model, tensor] = info
-        infos = list(shapes.values())
+        infos = [self.models[model].checkpoint.infos[tensor] for _, model, tensor in models]
         vocab = _VOCAB.search(name) is not None
         aligned = vocab and self.vocab is not None
         first = infos[0]
@@ -392,7 +390,7 @@ class _Planner:
                     self.add(s, i, name, inputs, t, roles[i])
                 out_layer += 1
         last_index = len(config.slices) - 1
-        self._check_non_layer([n for n in post if n != HEAD], last, last_index)
+        self._check_non_layer(post, last, last_index)
         for name in post:
             self._add_non_layer(name, last, last_index, roles[-1])
         self.out_layers = out_layer
@@ -416,21 +414,16 @@ class _Planner:
         return list(reference)
 
     def _check_non_layer(self, names, s: OutputSlice, i: int) -> None:
+        """Each source has exactly the donor's tensors outside the layers (a tied head aside)."""
+        donor = self.models[_donor(self.config)]
+        expected = set(donor.others) - {HEAD}
         for src in s.sources:
             m = self.models[src.model]
-            missing = [n for n in names if n not in m.checkpoint.infos]
-            extra = [
-                n
-                for n in m.others
-                if n not in names
-                and n != HEAD
-                and (n in self.models[_donor(self.config)].others) is False
-                and not _EMBEDDING.search(n)
-            ]
-            if missing or extra:
+            have = set(m.others) - {HEAD}
+            if have != expected:
                 raise TensorError(
-                    f"tensors outside the layers differ from {_donor(self.config)}: "
-                    f"missing {missing}, extra {extra}",
+                    f"tensors outside the layers differ from {donor.ref!r}: missing "
+                    f"{sorted(expected - have)}, extra {sorted(have - expected)}",
                     where=str(m.path),
                     fix="merge models of one architecture; no tensor is skipped silently",
                 )

@@ -202,7 +202,7 @@ def _union(base_tok: Tokenizer, others: list[tuple[ModelFiles, Tokenizer]]) -> T
                 have.add(token)
     for token in regular:
         out.add_tokens([AddedToken(token, normalized=True, special=False)])
-    for token, info in added.items():
+    for info in added.values():
         copy = AddedToken(
             info.content,
             single_word=info.single_word,
