@@ -34,8 +34,9 @@ PEFT (``peft.PeftModel.from_pretrained``) loads:
 
 Tensors equal to the base are left out and counted. The checkpoints are
 checked from their headers first, then read one module at a time; only the
-adapter is held in memory. This is what mergekit's ``mergekit-extract-lora``
-does, with the fine-tuned non-linear tensors saved instead of skipped.
+adapter is held in memory. With tied embeddings a stored ``lm_head.weight`` is
+an alias of the embedding and is not read. mergekit's ``mergekit-extract-lora``
+(arcee-ai/mergekit) extracts LoRA adapters the same way, with PyTorch.
 
 Example::
 
@@ -217,15 +218,17 @@ def _check_args(max_rank, dtype) -> np.dtype | None:
 
 def _check_configs(model_dir: Path, base_dir: Path) -> bool:
     """Same ``model_type`` and embedding tying in both config.json files; returns tying."""
-    model_cfg, base_cfg = read_hf_config(model_dir), read_hf_config(base_dir)
-    for key in ("model_type", "tie_word_embeddings"):
-        if model_cfg.get(key) != base_cfg.get(key):
+    cfgs = read_hf_config(model_dir), read_hf_config(base_dir)
+    model_type = [c.get("model_type") for c in cfgs]
+    tied = [bool(c.get("tie_word_embeddings", False)) for c in cfgs]
+    for key, (ours, theirs) in (("model_type", model_type), ("tie_word_embeddings", tied)):
+        if ours != theirs:
             raise ConfigError(
-                f"{key} differs: model has {model_cfg.get(key)!r}, base has {base_cfg.get(key)!r}",
+                f"{key} differs: model has {ours!r}, base has {theirs!r}",
                 where=f"{model_dir / 'config.json'} vs {base_dir / 'config.json'}",
                 fix="extract from a fine-tune of this very base model",
             )
-    return bool(model_cfg.get("tie_word_embeddings", False))
+    return tied[0]
 
 
 def _names(names) -> str:
@@ -236,10 +239,10 @@ def _names(names) -> str:
 def _check_tensors(model: SafetensorsCheckpoint, base: SafetensorsCheckpoint) -> None:
     extra, missing = model.infos.keys() - base.infos.keys(), base.infos.keys() - model.infos.keys()
     if extra or missing:
-        parts = [f"only in the model: {_names(extra)}" if extra else "",
-                 f"only in the base: {_names(missing)}" if missing else ""]  # fmt: skip
+        found = [f"only in the model: {_names(extra)}"] if extra else []
+        found += [f"only in the base: {_names(missing)}"] if missing else []
         raise TensorError(
-            "the checkpoints hold different tensors (" + "; ".join(p for p in parts if p) + ")",
+            "the checkpoints hold different tensors (" + "; ".join(found) + ")",
             where=f"{model.dir} vs {base.dir}",
             fix="extract from a fine-tune of this very base model (same architecture and size)",
         )
@@ -266,8 +269,8 @@ def _check_out(out_dir: Path, model_dir: Path, base_dir: Path) -> None:
 def _check_plan(modules: list[_Module], tied: bool, base_dir: Path) -> None:
     if tied and not any(m.kind == "tied_embedding" for m in modules):
         raise UnsupportedModelError(
-            "the model ties its output layer to an input embedding that is not named "
-            "'embed_tokens'; its changes could not be applied to lm_head",
+            "the model ties lm_head to its input embedding, but no tensor is named "
+            "'*.embed_tokens.weight', so the tensor that lm_head shares is unknown",
             where=str(base_dir / "config.json"),
             fix="extract from a model with untied embeddings or Llama-style tensor names",
         )
@@ -351,6 +354,24 @@ def _write_biases(adapter: _Adapter, model: SafetensorsCheckpoint) -> str:
     return bias_mode
 
 
+def _check_not_empty(adapter: _Adapter, model_dir: Path, base_dir: Path) -> None:
+    where = f"{model_dir} vs {base_dir}"
+    if not adapter.tensors and not adapter.biases:
+        raise InputError(
+            "the model is identical to the base: there is nothing to extract",
+            where=where,
+            fix="pass the fine-tuned model as --model and its base as --base",
+        )
+    if not adapter.ranks:  # PEFT refuses a LoRA config that targets no module
+        changed = adapter.modules_to_save + adapter.biases
+        raise InputError(
+            f"no linear or embedding weight differs from the base, so there is no LoRA to "
+            f"extract; only these changed: {_names(changed)}",
+            where=where,
+            fix="use the fine-tuned model itself; a PEFT LoRA adapter needs a LoRA module",
+        )
+
+
 def _check_nesting(adapter: _Adapter, model: SafetensorsCheckpoint) -> None:
     """A module in modules_to_save must be saved whole: no submodule may be stored otherwise."""
     for path in adapter.modules_to_save:
@@ -396,7 +417,7 @@ def extract_lora(
     overwrite: bool = False,
     dtype: str | None = None,
 ) -> dict:
-    """Write a PEFT LoRA adapter that turns ``base_dir`` into (a rank-``max_rank`` fit of) ``model_dir``.
+    """Write a PEFT LoRA adapter that turns ``base_dir`` into (a low-rank fit of) ``model_dir``.
 
     Args:
       model_dir: the fine-tuned HF model directory (safetensors).
@@ -411,7 +432,8 @@ def extract_lora(
     Returns:
       ``{"out", "rank", "modules", "lora_modules", "embedding_modules", "biases",
       "modules_to_save", "unchanged", "relative_error", "message"}``, where
-      ``relative_error`` is ``||D - BA||_F / ||D||_F`` over all LoRA modules.
+      ``relative_error`` is ``||D - BA||_F / ||D||_F`` over all LoRA modules (float32
+      factors, before any cast to ``dtype``).
     """
     out_dtype = _check_args(max_rank, dtype)
     model_path, base_path = require_model_dir(model_dir), require_model_dir(base_dir)
@@ -426,12 +448,7 @@ def extract_lora(
             adapter = _Adapter(out_dtype)
             for module in modules:
                 _extract_module(module, model, base, adapter, max_rank)
-            if not adapter.tensors and not adapter.biases:
-                raise InputError(
-                    "the model is identical to the base: there is nothing to extract",
-                    where=f"{model_path} vs {base_path}",
-                    fix="pass the fine-tuned model as --model and its base as --base",
-                )
+            _check_not_empty(adapter, model_path, base_path)
             _check_nesting(adapter, model)
             bias = _write_biases(adapter, model)
             config = adapter_config(
