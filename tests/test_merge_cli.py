@@ -29,7 +29,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jaxcombine import cli, merging
 from jaxcombine.hf import SafetensorsCheckpoint
-from jaxcombine.merging.mergekit import load_merge_config, plan_merge, run_merge
+from jaxcombine.merging.mergekit import (
+    load_merge_config,
+    parse_merge_config,
+    plan_merge,
+    run_merge,
+)
 
 HERE = Path(__file__).parent / "fixtures" / "mergekit"
 CLI = HERE / "cli"
@@ -409,3 +414,42 @@ def test_hub_id_gets_a_download_hint(tmp_path, capsys):
         == 2
     )
     assert "huggingface-cli download meta-llama/Llama-3.1-8B" in capsys.readouterr().err
+
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "configs" / "merge").glob("*.yml"))
+STAND_INS = {
+    "ft_math": "ft1",
+    "ft_code": "ft2",
+    "ft_chat": "ft3",
+    "ft_toxic": "ft3",
+    "base": "base",
+}
+
+
+def _stand_in(ref: str, tokenizers: bool) -> str:
+    """The tiny fixture model playing an example config's ./models/NAME."""
+    name = Path(ref).name
+    if tokenizers:
+        return str(CLI / "models" / ("tok_b" if name == "ft_chat" else "tok_a"))
+    return str(HERE / STAND_INS.get(name, f"ft{name[-1]}" if name[-1].isdigit() else "ft1"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_configs_plan(path):
+    """configs/merge/*.yml are valid: planned against tiny stand-ins for their models."""
+    raw = yaml.safe_load(path.read_text())
+    tokenizers = "tokenizer" in raw or "tokenizer_source" in raw
+    swap = lambda ref: _stand_in(ref, tokenizers)  # noqa: E731
+    for entry in raw.get("models", []):
+        entry["model"] = swap(entry["model"])
+    for i, s in enumerate(raw.get("slices", [])):
+        for src in s["sources"]:
+            src["model"] = swap(src["model"])
+            src["layer_range"] = [i, i + 2]
+    if "base_model" in raw:
+        raw["base_model"] = swap(raw["base_model"])
+    for setting in (raw.get("tokenizer") or {}).get("tokens", {}).values():
+        setting["source"] = swap(setting["source"])
+    plan = plan_merge(parse_merge_config(raw))
+    assert plan.tensors and plan.describe()
+    plan.close()

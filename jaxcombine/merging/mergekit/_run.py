@@ -117,6 +117,8 @@ def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _P
         dynamic_ncols=True,
     )
 
+    done = [0]
+
     def finish(planned: PlannedTensor, out, finite):
         if not bool(finite):
             names = ", ".join(f"{i.model}:{i.tensor}" for i in planned.inputs)
@@ -126,8 +128,9 @@ def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _P
                 fix="merge finite checkpoints (check the run that wrote them)",
             )
         writer.write(planned.name, np.asarray(out))
+        done[0] += 1
+        bar.set_postfix_str(f"{done[0]}/{len(tensors)} tensors", refresh=False)
         bar.update(planned.nbytes)
-        bar.set_postfix_str(f"{bar.n and tensors.index(planned) + 1}/{len(tensors)} tensors")
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writing:
         reads = deque(reader.submit(read, t) for t in tensors[:_PREFETCH])
