@@ -147,7 +147,12 @@ def _check_inputs(method: MergeMethod, models, base):
             where=f"{method.name}(base=...)",
             fix="pass the model the fine-tunes started from as base",
         )
-    n = len(models)
+    check_model_count(method, len(models), f"{method.name}(models)", "pass {want} models")
+
+
+def check_model_count(method: MergeMethod, n: int, where: str, fix: str) -> None:
+    """A ConfigError unless ``n`` models (besides the base) suit ``method``; ``fix`` may
+    name ``{want}``."""
     low, high = method.min_models, method.max_models
     if n < low or (high is not None and n > high):
         want = (
@@ -157,8 +162,8 @@ def _check_inputs(method: MergeMethod, models, base):
         )
         raise ConfigError(
             f"{method.name} takes {want} model(s) besides the base, got {n}",
-            where=f"{method.name}(models)",
-            fix=f"pass {want} models",
+            where=where,
+            fix=fix.format(want=want),
         )
 
 

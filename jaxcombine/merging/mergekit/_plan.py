@@ -40,7 +40,7 @@ import numpy as np
 from jaxcombine import rules
 from jaxcombine.errors import CheckpointError, ConfigError, TensorError
 from jaxcombine.hf import SafetensorsCheckpoint
-from jaxcombine.merging._engine import MergeMethod, leaf_parameters
+from jaxcombine.merging._engine import MergeMethod, check_model_count, leaf_parameters
 from jaxcombine.merging.mergekit._config import MergeConfig, OutputSlice
 from jaxcombine.merging.mergekit._vocab import VocabPlan, plan_vocabulary
 
@@ -285,20 +285,6 @@ class _Planner:
         b = sources.index(base)
         return b, [j for j in range(len(sources)) if j != b]
 
-    def _check_count(self, n: int, where: str) -> None:
-        low, high = self.method.min_models, self.method.max_models
-        if n < low or (high is not None and n > high):
-            want = (
-                f"exactly {low}"
-                if low == high
-                else f"at least {low}" + (f" and at most {high}" if high is not None else "")
-            )
-            raise ConfigError(
-                f"{self.method.name} takes {want} model(s) besides the base, got {n}",
-                where=where,
-                fix=f"list {want} models (the base model is set apart)",
-            )
-
     def _input_name(self, model: str, name: str) -> str | None:
         infos = self.models[model].checkpoint.infos
         if name in infos:
@@ -362,7 +348,9 @@ class _Planner:
         roles = []
         for i, s in enumerate(config.slices):
             base_j, model_js = self._roles(s, i)
-            self._check_count(len(model_js), f"slices[{i}]" if not config.from_models else "models")
+            where = f"slices[{i}]" if not config.from_models else "models"
+            fix = "list {want} models (the base model is set apart)"
+            check_model_count(self.method, len(model_js), where, fix)
             roles.append(base_j)
         first, last = config.slices[0], config.slices[-1]
         donor = self.models[_donor(config)]
