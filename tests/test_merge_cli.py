@@ -408,6 +408,23 @@ def test_existing_output_is_refused(tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
+def test_nan_input_is_named_and_leaves_no_output(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    bad = _copy_model(Path("ft2"), tmp_path / "ft2_nan")
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, 2] = np.nan
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads(json.dumps(TIES))
+    config["models"][1]["model"] = str(bad)
+    out = tmp_path / "out"
+    assert run(_write(tmp_path, config), out) == 2
+    err = capsys.readouterr().err
+    assert "NaN or Inf" in err and f"{bad}: {name}" in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_hub_id_gets_a_download_hint(tmp_path, capsys):
     assert (
         run(_write(tmp_path, {**TIES, "base_model": "meta-llama/Llama-3.1-8B"}), tmp_path / "o")

@@ -278,11 +278,19 @@ def test_errors_in_settings(models):
 # ---- the sort-free top-k against lax.top_k and a stable argsort ---------------------
 
 
-def test_top_k_mask_equals_stable_sorts():
-    """lax.top_k's set (ties to the lower index) and a stable ascending sort's top."""
-    from jaxcombine.merging._ops import top_k_mask
+@pytest.mark.parametrize("path", ["platform", "radix"])
+def test_top_k_mask_equals_stable_sorts(path):
+    """lax.top_k's set (ties to the lower index) and a stable ascending sort's top; both
+    the path of this platform (numpy on the host, on CPU) and the accelerators' radix select."""
+    import jax.numpy as jnp
 
-    masks = jax.jit(lambda x, k: (top_k_mask(x, k), top_k_mask(x, k, ties="high")))
+    from jaxcombine.merging._ops import _top_k_by_radix, magnitude_bits, top_k_mask
+
+    def radix(x, k, ties):
+        return _top_k_by_radix(magnitude_bits(x), jnp.int32(k), ties).reshape(x.shape)
+
+    mask = top_k_mask if path == "platform" else lambda x, k, ties: radix(x, k, ties)
+    masks = jax.jit(lambda x, k: (mask(x, k, ties="low"), mask(x, k, ties="high")))
     rng = np.random.default_rng(0)
     for trial in range(60):
         n = (1, 7, 64, 257)[trial % 4]
@@ -298,3 +306,25 @@ def test_top_k_mask_equals_stable_sorts():
         got_low, got_high = masks(x, k)
         np.testing.assert_array_equal(np.asarray(got_low), low)
         np.testing.assert_array_equal(np.asarray(got_high), high)
+
+
+def test_kth_largest_radix_equals_host_select():
+    """The accelerator path (31-pass radix select) and the CPU path (np.partition) agree."""
+    import jax.numpy as jnp
+
+    from jaxcombine.merging._ops import _kth_by_radix, _kth_on_host, magnitude_bits
+
+    both = jax.jit(lambda bits, k: (_kth_by_radix(bits, k), _kth_on_host(bits, k)))
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        sizes = [(1,), (7,), (64, 3), (257,)][: 1 + trial % 4]
+        xs = [np.abs(rng.normal(size=s)).astype(np.float32) for s in sizes]
+        if trial % 3 == 0:
+            xs = [np.round(x * 3) / 3 for x in xs]  # many ties and zeros
+        total = sum(x.size for x in xs)
+        k = int(rng.integers(-1, total + 2))
+        radix, host = both([magnitude_bits(jnp.asarray(x)) for x in xs], jnp.int32(k))
+        assert int(radix) == int(host), (trial, k)
+        if 1 <= k <= total:
+            expected = np.sort(np.concatenate([x.ravel() for x in xs]))[::-1][k - 1]
+            assert np.float32(jax.lax.bitcast_convert_type(radix, jnp.float32)) == expected

@@ -1,21 +1,40 @@
 """Hugging Face checkpoints: config.json, safetensors (streamed), tokenizers, write-back."""
 
-from jaxcombine.hf._config import (
-    SUPPORTED_MODEL_TYPES,
-    config_from_hf,
-    config_to_hf,
-    read_hf_config,
-)
-from jaxcombine.hf._model import hf_tensors, load_config, load_model, save_model
-from jaxcombine.hf._names import TensorMap, decoder_tensor_maps
-from jaxcombine.hf._safetensors import (
-    SafetensorsCheckpoint,
-    TensorInfo,
-    parse_size,
-    require_model_dir,
-    write_shards,
-)
-from jaxcombine.hf._tokenizer import load_tokenizer
+import importlib
+
+# Names load their module on first use (PEP 562), so that reading safetensors
+# headers (``jaxcombine merge``) does not import flax and the model code.
+_SUBMODULE = {
+    "SUPPORTED_MODEL_TYPES": "_config",
+    "config_from_hf": "_config",
+    "config_to_hf": "_config",
+    "read_hf_config": "_config",
+    "hf_tensors": "_model",
+    "load_config": "_model",
+    "load_model": "_model",
+    "save_model": "_model",
+    "TensorMap": "_names",
+    "decoder_tensor_maps": "_names",
+    "SafetensorsCheckpoint": "_safetensors",
+    "TensorInfo": "_safetensors",
+    "parse_size": "_safetensors",
+    "require_model_dir": "_safetensors",
+    "write_shards": "_safetensors",
+    "load_tokenizer": "_tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module 'jaxcombine.hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"jaxcombine.hf.{_SUBMODULE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

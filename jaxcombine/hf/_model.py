@@ -26,6 +26,7 @@ from jaxcombine.errors import TensorError
 from jaxcombine.hf._config import config_from_hf, config_to_hf, read_hf_config
 from jaxcombine.hf._names import TensorMap, decoder_tensor_maps, is_recomputed_buffer
 from jaxcombine.hf._safetensors import (
+    SIDECAR_FILES,
     SafetensorsCheckpoint,
     parse_size,
     require_model_dir,
@@ -33,19 +34,6 @@ from jaxcombine.hf._safetensors import (
 )
 from jaxcombine.models import Decoder, DecoderConfig
 from jaxcombine.sharding import DEFAULT_RULES, Rules, state_shardings
-
-# Files copied from a source directory next to the written weights.
-SIDECAR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

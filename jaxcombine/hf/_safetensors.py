@@ -2,10 +2,12 @@
 
 A model directory holds either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. :class:`SafetensorsCheckpoint` opens every
-file (memory-mapped by the ``safetensors`` library), validates the headers and
-collects each tensor's name, shape and dtype *without reading tensor data*, so
-all checks happen before heavy work. Pickle checkpoints are refused: nothing
-is ever unpickled.
+file, validates the headers (with the ``safetensors`` library) and collects
+each tensor's name, shape, dtype and byte range *without reading tensor data*,
+so all checks happen before heavy work. A tensor is then read with one
+``pread`` into a fresh 64-byte-aligned buffer: no memory map keeps file pages
+in the process, and JAX on CPU can use the buffer without copying it. Pickle
+checkpoints are refused: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ from jaxcombine.errors import CheckpointError, TensorError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Files copied from a source directory next to the written weights.
+SIDECAR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 _DTYPES = {
@@ -53,6 +68,7 @@ class TensorInfo(NamedTuple):
     shape: tuple[int, ...]
     dtype: np.dtype
     file: Path
+    offset: int = 0  # first byte of the data in ``file``
 
 
 def require_model_dir(model_dir: str | os.PathLike) -> Path:
@@ -102,33 +118,40 @@ class SafetensorsCheckpoint:
     def __init__(self, model_dir: str | os.PathLike):
         self.dir = require_model_dir(model_dir)
         files = self._files()
-        self._handles = {}
+        self._fds: dict[Path, int] = {}
         self.infos: dict[str, TensorInfo] = {}
         try:
             for file in files:
-                handle = _open(file)
-                self._handles[file] = handle
-                for name in handle.keys():
-                    if name in self.infos:
-                        raise CheckpointError(
-                            f"tensor {name!r} appears in two files "
-                            f"({self.infos[name].file.name} and {file.name})",
-                            where=str(self.dir),
-                            fix="remove the stale shard or fix the index",
-                        )
-                    view = handle.get_slice(name)
-                    dtype = _DTYPES.get(view.get_dtype())
-                    if dtype is None:
-                        raise TensorError(
-                            f"unsupported dtype {view.get_dtype()}; supported: "
-                            f"{', '.join(_DTYPES)}",
-                            where=f"{file}: {name}",
-                        )
-                    self.infos[name] = TensorInfo(name, tuple(view.get_shape()), dtype, file)
+                self._index_file(file)
             self._check_index()
         except BaseException:
             self.close()
             raise
+
+    def _index_file(self, file: Path) -> None:
+        handle = _open(file)  # validates the header against the file
+        try:
+            offsets = _data_offsets(file)
+            for name in handle.keys():
+                if name in self.infos:
+                    raise CheckpointError(
+                        f"tensor {name!r} appears in two files "
+                        f"({self.infos[name].file.name} and {file.name})",
+                        where=str(self.dir),
+                        fix="remove the stale shard or fix the index",
+                    )
+                view = handle.get_slice(name)
+                dtype = _DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise TensorError(
+                        f"unsupported dtype {view.get_dtype()}; supported: {', '.join(_DTYPES)}",
+                        where=f"{file}: {name}",
+                    )
+                shape = tuple(view.get_shape())
+                self.infos[name] = TensorInfo(name, shape, dtype, file, offsets[name])
+        finally:
+            handle.__exit__(None, None, None)
+        self._fds[file] = os.open(file, os.O_RDONLY)
 
     def _files(self) -> list[Path]:
         index = self.dir / INDEX_FILE
@@ -181,29 +204,56 @@ class SafetensorsCheckpoint:
                 )
 
     def read(self, name: str) -> np.ndarray:
-        """Read one tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``)."""
+        """Read one tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), 64-byte aligned."""
         info = self.infos.get(name)
         if info is None:
             raise TensorError(f"no tensor named {name!r}", where=str(self.dir))
-        try:
-            return self._handles[info.file].get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(
-                f"cannot read tensor {name!r} ({e})",
-                where=str(info.file),
-                fix="the file is corrupted; copy it again",
-            ) from None
+        out = aligned_empty(info.shape, info.dtype)
+        data = memoryview(out.reshape(-1).view(np.uint8))
+        position = info.offset
+        while data.nbytes:
+            done = os.preadv(self._fds[info.file], [data], position)
+            if done == 0:
+                raise CheckpointError(
+                    f"file ended while reading tensor {name!r}",
+                    where=str(info.file),
+                    fix="the file was truncated after it was opened; copy it again",
+                )
+            data, position = data[done:], position + done
+        return out
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles = {}
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     def __enter__(self) -> SafetensorsCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an ``alignment``-byte boundary
+    (XLA's CPU client then uses the buffer in place instead of copying it)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _data_offsets(file: Path) -> dict[str, int]:
+    """Where each tensor's data starts in a safetensors file (header already validated)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {
+        name: 8 + size + meta["data_offsets"][0]
+        for name, meta in header.items()
+        if name != "__metadata__"
+    }
 
 
 def _read_json(path: Path) -> dict:

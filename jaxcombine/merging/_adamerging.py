@@ -32,16 +32,18 @@ Learning", arXiv:2310.02575.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxcombine.errors import ConfigError
 from jaxcombine.merging._fisher import check_models
 from jaxcombine.tree import path_string, stack, sub
+
+if TYPE_CHECKING:  # optax is imported where used
+    import optax
 
 PyTree = Any
 Coefficients = jax.Array | dict[str, jax.Array]
@@ -223,6 +225,8 @@ def adamerging(
     def loss(coeffs, base, task_vectors, batch):
         params = merge_with_coefficients(base, task_vectors, per_leaf(coeffs), clip=clip)
         return prediction_entropy(apply_fn(params, batch))
+
+    import optax
 
     opt = optimizer if optimizer is not None else optax.adam(learning_rate)
 

@@ -128,13 +128,21 @@ def _tensor_key(key: jax.Array, path: str) -> jax.Array:
 _JITTED: dict = {}
 
 
-def _jitted(leaf: Callable, static: tuple[str, ...]):
-    """``leaf`` compiled with the models stacked inside (one compile per static setting)."""
-    cache_key = (leaf, static)
+def _jitted(leaf: Callable, static: tuple[str, ...], dtype=None, out_dtype=None):
+    """``leaf`` compiled with the models stacked inside (one compile per static setting).
+
+    ``dtype``: the inputs are cast to it inside the compiled function (the
+    compute dtype); ``out_dtype``: the result is cast to it.
+    """
+    cache_key = (leaf, static, dtype, out_dtype)
     if cache_key not in _JITTED:
 
         def stacked(base, models, **kwargs):
-            return leaf(base, jnp.stack(models), **kwargs)
+            if dtype is not None:
+                base = None if base is None else base.astype(dtype)
+                models = [m.astype(dtype) for m in models]
+            out = leaf(base, jnp.stack(models), **kwargs)
+            return out if out_dtype is None else out.astype(out_dtype)
 
         _JITTED[cache_key] = jax.jit(stacked, static_argnames=static)
     return _JITTED[cache_key]
@@ -277,12 +285,33 @@ def merge_leaf(method: MergeMethod, base, models: Sequence, values: Mapping[str,
     first = base if base is not None else models[0]
     if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):
         return first
+    return _call(method, values, key)(base, tuple(models))
+
+
+def merge_leaf_cast(
+    method: MergeMethod, base, models: Sequence, values: Mapping[str, Any], *, key=None,
+    dtype=None, out_dtype=None,
+):  # fmt: skip
+    """:func:`merge_leaf` with the inputs cast to ``dtype`` and the result to
+    ``out_dtype`` inside the compiled function (no host-side casts). Integer
+    tensors come back unchanged.
+    """
+    first = base if base is not None else models[0]
+    if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):
+        return first
+    return _call(method, values, key, dtype, out_dtype)(base, tuple(models))
+
+
+def _call(method: MergeMethod, values, key, dtype=None, out_dtype=None):
     traced = {p.keyword for p in method.params if p.traced}
     kwargs = {k: jnp.asarray(v) if k in traced else v for k, v in values.items()}
     static = tuple(sorted(k for k in kwargs if k not in traced))
     if method.random:
         kwargs["key"] = key
-    return _jitted(method.leaf, static)(base, tuple(models), **kwargs)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
+    compiled = _jitted(method.leaf, static, dtype, out_dtype)
+    return lambda base, models: compiled(base, models, **kwargs)
 
 
 def _check_data(paths, base_leaves, model_leaves):

@@ -37,16 +37,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxcombine.errors import ConfigError
 from jaxcombine.merging._fisher import check_models, check_weights
 from jaxcombine.tree import path_string
+
+if TYPE_CHECKING:  # flax is imported where used: `jaxcombine merge` never needs it
+    from flax import nnx
 
 PyTree = Any
 
@@ -176,6 +178,8 @@ def linear_inputs(
         inputs["layers/0/kernel"].shape        # (N, 4)
         inputs["head/kernel"].shape            # (N, 8), after the ReLU
     """
+    from flax import nnx
+
     if not isinstance(model, nnx.Module):
         raise ConfigError(
             f"expected an NNX module, got {type(model).__name__}",

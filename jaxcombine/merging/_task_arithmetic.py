@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcombine.errors import ConfigError
-from jaxcombine.merging._ops import model_sum, work_dtype
+from jaxcombine.merging._ops import model_sum, unstack, work_dtype
 from jaxcombine.merging._sparsify import sparsify as sparsify_tensor
 
 CONSENSUS_METHODS = ("sum", "count")
@@ -52,18 +52,23 @@ def sign_consensus(deltas: jax.Array, method: str = "sum") -> jax.Array:
     ``sum``: the sign of the summed (weighted) deltas, TIES's election by mass;
     ``count``: the majority of signs. Ties elect +. A zero entry never agrees.
     """
-    sign = jnp.sign(deltas)
+    return jnp.stack(_agreement(unstack(deltas), method))
+
+
+def _agreement(deltas: list[jax.Array], method: str) -> list[jax.Array]:
+    """:func:`sign_consensus` model by model."""
+    signs = [jnp.sign(d) for d in deltas]
     if method == "sum":
         elected = jnp.where(model_sum(deltas) >= 0, 1.0, -1.0)
     elif method == "count":
-        elected = jnp.where(model_sum(sign) >= 0, 1.0, -1.0)
+        elected = jnp.where(model_sum(signs) >= 0, 1.0, -1.0)
     else:
         raise ConfigError(
             f"unknown consensus method {method!r}",
             where="consensus",
             fix="use 'sum' (TIES's election by mass) or 'count' (majority of signs)",
         )
-    return (sign == elected).astype(deltas.dtype)
+    return [(sign == elected).astype(d.dtype) for sign, d in zip(signs, deltas, strict=True)]
 
 
 def task_arithmetic_leaf(
@@ -95,35 +100,34 @@ def task_arithmetic_leaf(
     del int8_mask
     n = models.shape[0]
     work = work_dtype(base.dtype)
-    deltas = models.astype(work) - base.astype(work)[None]
+    theta_0 = base.astype(work)
+    deltas = [m.astype(work) - theta_0 for m in unstack(models)]
     if sparsify is not None:
         mode = "l1" if rescale is True else (rescale or None)
         density = (1.0,) * n if density is None else tuple(density)
         keys = jax.random.split(key, n) if key is not None else [None] * n
-        deltas = jnp.stack(
-            [
-                sparsify_tensor(
-                    deltas[i],
-                    density[i],
-                    sparsify,
-                    key=keys[i],
-                    gamma=0.01 if gamma is None else gamma[i],
-                    epsilon=0.15 if epsilon is None else epsilon[i],
-                    rescale=mode,
-                )
-                for i in range(n)
-            ]
-        )
-    w = jnp.asarray(weight, work).reshape((n,) + (1,) * base.ndim)
-    weighted = deltas * w
+        deltas = [
+            sparsify_tensor(
+                deltas[i],
+                density[i],
+                sparsify,
+                key=keys[i],
+                gamma=0.01 if gamma is None else gamma[i],
+                epsilon=0.15 if epsilon is None else epsilon[i],
+                rescale=mode,
+            )
+            for i in range(n)
+        ]
+    w = unstack(jnp.asarray(weight, work).reshape(n))
+    weighted = [d * w_i for d, w_i in zip(deltas, w, strict=True)]
     if consensus is not None:
-        mask = sign_consensus(weighted, consensus)
+        masks = _agreement(weighted, consensus)
         if disjoint == "mean":
-            mixed = model_sum(deltas * mask)
-            divisor = model_sum(mask)
+            mixed = model_sum([d * m for d, m in zip(deltas, masks, strict=True)])
+            divisor = model_sum(masks)
         else:
-            mixed = model_sum(weighted * mask)
-            divisor = model_sum(w * mask)
+            mixed = model_sum([x * m for x, m in zip(weighted, masks, strict=True)])
+            divisor = model_sum([w_i * m for w_i, m in zip(w, masks, strict=True)])
         divisor = jnp.where(divisor == 0, 1.0, divisor)
     else:
         mixed = model_sum(weighted)
@@ -132,7 +136,7 @@ def task_arithmetic_leaf(
     if normalize or (consensus is not None and disjoint == "mean"):
         mixed = mixed / divisor
     mixed = mixed * jnp.asarray(lambda_, work)  # may be traced; times 1 is exact
-    return (base.astype(work) + mixed).astype(base.dtype)
+    return (theta_0 + mixed).astype(base.dtype)
 
 
 def linear_leaf(base, models: jax.Array, *, weight, normalize: bool = True) -> jax.Array:
@@ -142,8 +146,8 @@ def linear_leaf(base, models: jax.Array, *, weight, normalize: bool = True) -> j
     """
     del base
     work = work_dtype(models.dtype)
-    w = jnp.asarray(weight, work).reshape((models.shape[0],) + (1,) * (models.ndim - 1))
-    merged = model_sum(models.astype(work) * w)
+    w = unstack(jnp.asarray(weight, work).reshape(models.shape[0]))
+    merged = model_sum([m.astype(work) * w_i for m, w_i in zip(unstack(models), w, strict=True)])
     if normalize:
         merged = merged / model_sum(w)
     return merged.astype(models.dtype)

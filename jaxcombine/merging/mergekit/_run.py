@@ -1,12 +1,13 @@
 """Run a merge plan: stream one output tensor at a time from memory-mapped inputs to disk.
 
-For each planned tensor, in order: read its inputs (memory-mapped safetensors,
-cast to ``dtype``, re-indexed onto the output vocabulary where needed), merge
-them with the method's jitted leaf function on the default device, cast to the
-output dtype and write the bytes at their place in the output shard. Reading
-the next tensors, computing and writing overlap (a reader thread two tensors
-ahead, a writer thread behind), and at most a few tensors are alive at once,
-so peak memory does not grow with the model.
+For each planned tensor, in order: read its inputs (one ``pread`` each into an
+aligned buffer that XLA's CPU client uses in place; re-indexed onto the output
+vocabulary where needed; checked finite with numpy on the host), then one
+jitted call casts them to ``dtype``, merges them with the method's leaf
+function and casts the result to the output dtype; the result's bytes go to
+their place in the output shard. Reading ahead, computing and writing overlap (a reader thread at
+most ``_READ_AHEAD_BYTES`` ahead, a writer thread behind), and only a few
+tensors are alive at once, so peak memory does not grow with the model.
 
 The output directory is built under a temporary name and renamed when
 complete: a killed merge leaves no ``OUT_DIR``.
@@ -29,24 +30,18 @@ from tqdm.auto import tqdm
 
 from jaxcombine._fs import atomic_directory
 from jaxcombine.errors import TensorError
-from jaxcombine.hf._model import SIDECAR_FILES
-from jaxcombine.hf._safetensors import ShardWriter, parse_size
-from jaxcombine.merging._engine import _tensor_key, merge_leaf
+from jaxcombine.hf._safetensors import SIDECAR_FILES, ShardWriter, parse_size
+from jaxcombine.merging._engine import _tensor_key, merge_leaf_cast
 from jaxcombine.merging.mergekit._chat import resolve_chat_template, write_chat_template
 from jaxcombine.merging.mergekit._plan import MergePlan, PlannedTensor
 from jaxcombine.merging.mergekit._vocab import write_tokenizer
 
-_PREFETCH = 2
+_READ_AHEAD_BYTES = 128 << 20  # input bytes read ahead of the tensor being merged (>= 1 tensor)
 _WRITE_BEHIND = 2
 
 
 def _is_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
-
-
-@jax.jit
-def _all_finite(arrays):
-    return jnp.all(jnp.stack([jnp.isfinite(a).all() for a in arrays]))
 
 
 class _Reader:
@@ -60,14 +55,22 @@ class _Reader:
         arrays = {}
         for inp in planned.inputs:
             x = self.plan.models[inp.model].checkpoint.read(inp.tensor)
-            if config.dtype is not None and _is_float(x.dtype) and x.dtype != config.dtype:
-                x = x.astype(config.dtype)
+            if planned.vocab and config.dtype is not None and _is_float(x.dtype):
+                x = x.astype(config.dtype)  # the fill rules average rows in this dtype
             arrays[inp] = x
         if planned.vocab:
             aligned = self.plan.vocab.align({i.model: a for i, a in arrays.items()})
             arrays = {i: aligned[i.model] for i in arrays}
         values = list(arrays.values())
-        if not _is_float(values[0].dtype):
+        if _is_float(values[0].dtype):
+            for inp, x in arrays.items():
+                if not np.isfinite(x).all():
+                    raise TensorError(
+                        "tensor holds NaN or Inf",
+                        where=f"{self.plan.models[inp.model].path}: {inp.tensor}",
+                        fix="merge finite checkpoints (check the run that wrote them)",
+                    )
+        else:
             for inp, x in arrays.items():
                 if not np.array_equal(x, values[0]):
                     raise TensorError(
@@ -105,6 +108,10 @@ class _Placement:
         return [jax.device_put(x, sharding) for x in arrays]
 
 
+def _input_bytes(planned: PlannedTensor) -> int:
+    return planned.nbytes * len(planned.inputs)
+
+
 def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _Placement):
     tensors = plan.tensors
     read = _Reader(plan)
@@ -119,38 +126,35 @@ def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _P
 
     done = [0]
 
-    def finish(planned: PlannedTensor, out, finite):
-        if not bool(finite):
-            names = ", ".join(f"{i.model}:{i.tensor}" for i in planned.inputs)
-            raise TensorError(
-                "an input holds NaN or Inf",
-                where=f"{planned.name} (inputs {names})",
-                fix="merge finite checkpoints (check the run that wrote them)",
-            )
+    def finish(planned: PlannedTensor, out):
         writer.write(planned.name, np.asarray(out))
         done[0] += 1
         bar.set_postfix_str(f"{done[0]}/{len(tensors)} tensors", refresh=False)
         bar.update(planned.nbytes)
 
+    dtype = plan.config.dtype
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writing:
-        reads = deque(reader.submit(read, t) for t in tensors[:_PREFETCH])
+        reads, ahead = deque(), 0
         writes = deque()
         for i, planned in enumerate(tensors):
+            while ahead < len(tensors) and (
+                ahead <= i
+                or sum(_input_bytes(tensors[j]) for j in range(i, ahead)) < _READ_AHEAD_BYTES
+            ):
+                reads.append(reader.submit(read, tensors[ahead]))
+                ahead += 1
             base, models = reads.popleft().result()
-            if i + _PREFETCH < len(tensors):
-                reads.append(reader.submit(read, tensors[i + _PREFETCH]))
             inputs = place(([base] if base is not None else []) + models, planned.nbytes)
             if base is not None:
                 base, models = inputs[0], inputs[1:]
             else:
                 models = inputs
             tensor_key = _tensor_key(key, planned.name) if plan.method.random else None
-            out = merge_leaf(plan.method, base, models, planned.values, key=tensor_key)
-            out = jnp.asarray(out)
-            if out.dtype != planned.dtype:
-                out = out.astype(planned.dtype)
-            finite = _all_finite(inputs) if _is_float(inputs[0].dtype) else True
-            writes.append(writing.submit(finish, planned, out, finite))
+            out = merge_leaf_cast(
+                plan.method, base, models, planned.values, key=tensor_key,
+                dtype=dtype if _is_float(inputs[0].dtype) else None, out_dtype=planned.dtype,
+            )  # fmt: skip
+            writes.append(writing.submit(finish, planned, out))
             while len(writes) > _WRITE_BEHIND:
                 writes.popleft().result()
         for w in writes:
