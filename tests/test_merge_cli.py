@@ -79,6 +79,22 @@ def test_method_equals_mergekit(name, tmp_path):
     assert_close(merged(tmp_path / "out"), load_file(str(HERE / f"{name}.safetensors")))
 
 
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic"])
+def test_elementwise_chunks_equal_mergekit(name, tmp_path, monkeypatch):
+    """Elementwise methods stream flat chunks; with chunks of 1000 and 96 elements every
+    tensor is cut, tails are zero-padded, and the pieces land at their offsets."""
+    from jaxcombine.merging.mergekit import _run
+
+    assert merging.SPECS[name].elementwise
+    monkeypatch.setattr(_run, "_CHUNK", 1000)
+    monkeypatch.setattr(_run, "_SMALL_CHUNK", 96)
+    plan = plan_merge(load_merge_config(HERE / f"{name}.yml"))
+    units = _run._units(plan, 1000, 96)
+    assert {u.size for u in units} == {1000, 96} and any(u.count % 96 for u in units)
+    assert run(HERE / f"{name}.yml", tmp_path / "out") == 0
+    assert_close(merged(tmp_path / "out"), load_file(str(HERE / f"{name}.safetensors")))
+
+
 @pytest.mark.parametrize("name", ["frankenmerge", "slices_slerp", "tied_linear"])
 def test_structure_equals_mergekit(name, tmp_path):
     out = tmp_path / "out"

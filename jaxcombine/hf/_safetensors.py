@@ -203,14 +203,32 @@ class SafetensorsCheckpoint:
                     fix="regenerate the index or copy the right shard",
                 )
 
-    def read(self, name: str) -> np.ndarray:
-        """Read one tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), 64-byte aligned."""
+    def read(
+        self, name: str, out: np.ndarray | None = None, *, start: int = 0, count: int | None = None
+    ) -> np.ndarray:
+        """Read one tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), 64-byte aligned.
+
+        ``start``/``count``: only the flat elements ``[start, start + count)``,
+        as a 1-D array. ``out``: a contiguous array of the result's shape and
+        dtype to read into (reusing buffers spares the page faults of fresh
+        memory).
+        """
         info = self.infos.get(name)
         if info is None:
             raise TensorError(f"no tensor named {name!r}", where=str(self.dir))
-        out = aligned_empty(info.shape, info.dtype)
+        size = int(np.prod(info.shape, dtype=np.int64))
+        shape = info.shape if count is None else (count,)
+        count = size - start if count is None else count
+        if start < 0 or count < 0 or start + count > size:
+            raise TensorError(f"elements [{start}, {start + count}) outside {size}", where=name)
+        if out is None:
+            out = aligned_empty(shape, info.dtype)
+        elif out.shape != shape or out.dtype != info.dtype or not out.flags.c_contiguous:
+            raise TensorError(
+                f"cannot read {shape} {info.dtype} into {out.shape} {out.dtype}", where=name
+            )
         data = memoryview(out.reshape(-1).view(np.uint8))
-        position = info.offset
+        position = info.offset + start * info.dtype.itemsize
         while data.nbytes:
             done = os.preadv(self._fds[info.file], [data], position)
             if done == 0:
@@ -394,7 +412,7 @@ class ShardWriter:
         self._where: dict[str, tuple[int, int, int, tuple, np.dtype]] = {}
         self._fds: list[int] = []
         self.total = 0
-        self._written: set[str] = set()
+        self._written: dict[str, int] = {}  # bytes written per tensor
         try:
             for shard, (group, file) in enumerate(zip(groups, self.files, strict=True)):
                 self._fds.append(self._start_shard(shard, group, file))
@@ -427,21 +445,27 @@ class ShardWriter:
         self.total += offset
         return fd
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def write(self, name: str, array: np.ndarray, *, start: int | None = None) -> None:
+        """Write a whole tensor, or (``start``) the flat elements from ``start`` on."""
         shard, position, nbytes, shape, dtype = self._where[name]
-        if array.shape != shape or array.dtype != dtype:
+        whole = start is None
+        if array.dtype != dtype or (whole and array.shape != shape):
             raise TensorError(
                 f"planned {shape} {dtype}, got {array.shape} {array.dtype}", where=name
             )
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        offset = 0 if whole else start * dtype.itemsize
+        if offset + data.nbytes > nbytes:
+            raise TensorError(f"bytes [{offset}, {offset + data.nbytes}) outside {nbytes}", name)
+        position += offset
+        self._written[name] = self._written.get(name, 0) + data.nbytes
         while data.nbytes:
             done = os.pwrite(self._fds[shard], data, position)
             data, position = data[done:], position + done
-        self._written.add(name)
 
     def finish(self) -> list[str]:
-        """Check that every planned tensor was written, close, write the index."""
-        missing = sorted(set(self._where) - self._written)
+        """Check that every planned byte was written, close, write the index."""
+        missing = sorted(n for n, w in self._where.items() if self._written.get(n, 0) != w[2])
         if missing:
             raise TensorError(f"{len(missing)} planned tensors were not written: {missing[:3]}")
         self.close()

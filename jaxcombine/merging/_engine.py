@@ -78,6 +78,10 @@ class MergeMethod:
     ``min_models`` / ``max_models`` count the models besides the base.
     ``random``: the leaf takes ``key=`` and the merge needs a key.
     ``validate(values, where)``: extra checks across one tensor's parameters.
+    ``elementwise``: entry i of the result depends only on entry i of the
+    inputs (and the parameters), so a tensor may be merged in flat chunks of
+    any size (``jaxcombine merge`` streams such methods in fixed-size chunks:
+    one compiled function for every tensor).
     """
 
     name: str
@@ -90,6 +94,7 @@ class MergeMethod:
     reference: str = ""
     fixed: Mapping[str, Any] = field(default_factory=dict)
     validate: Callable[[dict, str], None] | None = None
+    elementwise: bool = False
 
 
 def finite_number(low=float("-inf"), high=float("inf"), low_open=False, high_open=False):
@@ -304,7 +309,8 @@ def merge_leaf_cast(
 
 def _call(method: MergeMethod, values, key, dtype=None, out_dtype=None):
     traced = {p.keyword for p in method.params if p.traced}
-    kwargs = {k: jnp.asarray(v) if k in traced else v for k, v in values.items()}
+    real = jax.dtypes.canonicalize_dtype(np.float64)  # float32 unless x64 is on
+    kwargs = {k: np.asarray(v, real) if k in traced else v for k, v in values.items()}
     static = tuple(sorted(k for k in kwargs if k not in traced))
     if method.random:
         kwargs["key"] = key

@@ -97,6 +97,7 @@ def gta_method(
         reference=reference,
         fixed={"sparsify": sparsify, "consensus": consensus, "disjoint": disjoint},
         validate=_validate_gta,
+        elementwise=sparsify is None and consensus is None,
     )
 
 
@@ -174,12 +175,13 @@ LINEAR_SPEC = MergeMethod(
     name="linear",
     leaf=linear_leaf,
     params=(
-        Param("weight", "model", check=finite_number()),
+        Param("weight", "model", check=finite_number(), traced=True),
         Param("normalize", "shared", True, boolean),
     ),
     base="none",
     reference="arXiv:2203.05482",
     validate=_validate_linear,
+    elementwise=True,
 )
 
 

@@ -16,9 +16,11 @@ complete: a killed merge leaves no ``OUT_DIR``.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -30,56 +32,95 @@ from tqdm.auto import tqdm
 
 from jaxcombine._fs import atomic_directory
 from jaxcombine.errors import TensorError
-from jaxcombine.hf._safetensors import SIDECAR_FILES, ShardWriter, parse_size
+from jaxcombine.hf._safetensors import SIDECAR_FILES, ShardWriter, aligned_empty, parse_size
 from jaxcombine.merging._engine import _tensor_key, merge_leaf_cast
 from jaxcombine.merging.mergekit._chat import resolve_chat_template, write_chat_template
 from jaxcombine.merging.mergekit._plan import MergePlan, PlannedTensor
 from jaxcombine.merging.mergekit._vocab import write_tokenizer
 
-_READ_AHEAD_BYTES = 128 << 20  # input bytes read ahead of the tensor being merged (>= 1 tensor)
-_WRITE_BEHIND = 2
+_READ_AHEAD_BYTES = 128 << 20  # input bytes read ahead of the unit being merged (>= 1 unit)
+_WRITE_BEHIND = 4  # units whose output is being written while the next are merged
+_CHUNK = 1 << 20  # elements per chunk for elementwise methods (4 MiB of float32)
+_SMALL_CHUNK = 1 << 16  # the chunk of tensors below it (norms, biases): two compiled shapes
 
 
 def _is_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
+class _Buffers:
+    """Aligned input buffers, reused across tensors of the same shape and dtype.
+
+    Fresh memory costs a page fault per page on first touch (on some virtual
+    machines several microseconds each); a merge reads the same few shapes
+    over and over, so a buffer goes back here once its tensor is written.
+    """
+
+    def __init__(self):
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        with self._lock:
+            free = self._free.get((shape, np.dtype(dtype)))
+            if free:
+                return free.pop()
+        return aligned_empty(shape, dtype)
+
+    def give(self, arrays) -> None:
+        with self._lock:
+            for x in arrays:
+                self._free.setdefault((x.shape, x.dtype), []).append(x)
+
+
 class _Reader:
-    """Reads one planned tensor's inputs: cast, vocabulary-aligned, checked."""
+    """Reads one planned tensor's inputs: checked, cast, vocabulary-aligned.
 
-    def __init__(self, plan: MergePlan):
+    Returns ``(base, models, buffers)``, ``buffers`` to hand back to
+    :class:`_Buffers` once the merged tensor is written.
+    """
+
+    def __init__(self, plan: MergePlan, buffers: _Buffers):
         self.plan = plan
+        self.buffers = buffers
 
-    def __call__(self, planned: PlannedTensor):
-        config = self.plan.config
-        arrays = {}
+    def __call__(self, unit: _Unit):
+        planned, config = unit.planned, self.plan.config
+        arrays, buffers = {}, []
         for inp in planned.inputs:
-            x = self.plan.models[inp.model].checkpoint.read(inp.tensor)
+            checkpoint = self.plan.models[inp.model].checkpoint
+            info = checkpoint.infos[inp.tensor]
+            if unit.count is None:
+                x = checkpoint.read(inp.tensor, out=self.buffers.take(info.shape, info.dtype))
+                buffers.append(x)
+            else:  # one flat chunk, in a buffer of the full chunk size (the tail zeroed)
+                buffer = self.buffers.take((unit.size,), info.dtype)
+                buffers.append(buffer)
+                x = checkpoint.read(
+                    inp.tensor, out=buffer[: unit.count], start=unit.start, count=unit.count
+                )
+                buffer[unit.count :] = 0
+            where = f"{self.plan.models[inp.model].path}: {inp.tensor}"
+            if _is_float(x.dtype) and not np.isfinite(x).all():
+                raise TensorError(
+                    "tensor holds NaN or Inf",
+                    where=where,
+                    fix="merge finite checkpoints (check the run that wrote them)",
+                )
+            if not _is_float(x.dtype) and arrays and not np.array_equal(x, buffers[0]):
+                raise TensorError(
+                    "integer tensor differs between models; integer tensors cannot be averaged",
+                    where=where,
+                    fix="make the integer tensors equal",
+                )
             if planned.vocab and config.dtype is not None and _is_float(x.dtype):
                 x = x.astype(config.dtype)  # the fill rules average rows in this dtype
-            arrays[inp] = x
+            arrays[inp] = x if unit.count is None else buffers[-1]
         if planned.vocab:
             aligned = self.plan.vocab.align({i.model: a for i, a in arrays.items()})
             arrays = {i: aligned[i.model] for i in arrays}
-        values = list(arrays.values())
-        if _is_float(values[0].dtype):
-            for inp, x in arrays.items():
-                if not np.isfinite(x).all():
-                    raise TensorError(
-                        "tensor holds NaN or Inf",
-                        where=f"{self.plan.models[inp.model].path}: {inp.tensor}",
-                        fix="merge finite checkpoints (check the run that wrote them)",
-                    )
-        else:
-            for inp, x in arrays.items():
-                if not np.array_equal(x, values[0]):
-                    raise TensorError(
-                        "integer tensor differs between models; integer tensors cannot be averaged",
-                        where=f"{self.plan.models[inp.model].path}: {inp.tensor}",
-                        fix="make the integer tensors equal",
-                    )
         base = arrays[planned.base] if planned.base is not None else None
-        return base, [arrays[i] for i in planned.models]
+        return base, [arrays[i] for i in planned.models], buffers
 
 
 class _Placement:
@@ -108,13 +149,52 @@ class _Placement:
         return [jax.device_put(x, sharding) for x in arrays]
 
 
-def _input_bytes(planned: PlannedTensor) -> int:
-    return planned.nbytes * len(planned.inputs)
+@dataclass(frozen=True)
+class _Unit:
+    """A piece of work: a whole tensor, or ``count`` flat elements from ``start``
+    merged as a chunk of ``size`` (the tail chunk zero-padded to it)."""
+
+    planned: PlannedTensor
+    start: int = 0
+    count: int | None = None
+    size: int = 0
+
+    @property
+    def last(self) -> bool:
+        """The unit that completes its tensor."""
+        size = int(np.prod(self.planned.shape, dtype=np.int64))
+        return self.count is None or self.start + self.count == size
+
+    @property
+    def nbytes(self) -> int:
+        """Output bytes of this unit."""
+        if self.count is None:
+            return self.planned.nbytes
+        return self.count * self.planned.dtype.itemsize
+
+
+def _units(plan: MergePlan, chunk: int, small: int) -> list[_Unit]:
+    """Whole tensors, except that float tensors of an elementwise method are cut in
+    flat chunks of ``chunk`` elements (``small`` for tensors of at most that
+    size): the chunks have two shapes, so two compiled functions merge every
+    tensor, and the buffers are reused from chunk to chunk."""
+    units = []
+    for planned in plan.tensors:
+        first = plan.models[planned.inputs[0].model].checkpoint.infos[planned.inputs[0].tensor]
+        size = int(np.prod(planned.shape, dtype=np.int64))
+        if plan.method.elementwise and not planned.vocab and _is_float(first.dtype) and size:
+            step = small if size <= small else chunk
+            for start in range(0, size, step):
+                units.append(_Unit(planned, start, min(step, size - start), step))
+        else:
+            units.append(_Unit(planned))
+    return units
 
 
 def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _Placement):
-    tensors = plan.tensors
-    read = _Reader(plan)
+    units = _units(plan, _CHUNK, _SMALL_CHUNK)
+    buffers = _Buffers()
+    read = _Reader(plan, buffers)
     bar = tqdm(
         total=plan.total_bytes,
         unit="B",
@@ -123,28 +203,39 @@ def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _P
         disable=not progress,
         dynamic_ncols=True,
     )
-
     done = [0]
 
-    def finish(planned: PlannedTensor, out):
-        writer.write(planned.name, np.asarray(out))
-        done[0] += 1
-        bar.set_postfix_str(f"{done[0]}/{len(tensors)} tensors", refresh=False)
-        bar.update(planned.nbytes)
+    def finish(unit: _Unit, out, used):
+        out = np.asarray(out)
+        if unit.count is None:
+            writer.write(unit.planned.name, out)
+        else:
+            writer.write(unit.planned.name, out[: unit.count], start=unit.start)
+        buffers.give(used)  # the computation that read them is done
+        if unit.last:
+            done[0] += 1
+            bar.set_postfix_str(f"{done[0]}/{len(plan.tensors)} tensors", refresh=False)
+        bar.update(unit.nbytes)
+
+    def input_bytes(unit: _Unit) -> int:
+        return unit.nbytes * len(unit.planned.inputs)
 
     dtype = plan.config.dtype
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writing:
+    with ThreadPoolExecutor(2) as reader, ThreadPoolExecutor(1) as writing:
         reads, ahead = deque(), 0
         writes = deque()
-        for i, planned in enumerate(tensors):
-            while ahead < len(tensors) and (
+        for i, unit in enumerate(units):
+            while ahead < len(units) and (
                 ahead <= i
-                or sum(_input_bytes(tensors[j]) for j in range(i, ahead)) < _READ_AHEAD_BYTES
+                or sum(input_bytes(units[j]) for j in range(i, ahead)) < _READ_AHEAD_BYTES
             ):
-                reads.append(reader.submit(read, tensors[ahead]))
+                reads.append(reader.submit(read, units[ahead]))
                 ahead += 1
-            base, models = reads.popleft().result()
-            inputs = place(([base] if base is not None else []) + models, planned.nbytes)
+            base, models, used = reads.popleft().result()
+            planned = unit.planned
+            inputs = ([base] if base is not None else []) + models
+            if unit.count is None:
+                inputs = place(inputs, planned.nbytes)
             if base is not None:
                 base, models = inputs[0], inputs[1:]
             else:
@@ -154,7 +245,7 @@ def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _P
                 plan.method, base, models, planned.values, key=tensor_key,
                 dtype=dtype if _is_float(inputs[0].dtype) else None, out_dtype=planned.dtype,
             )  # fmt: skip
-            writes.append(writing.submit(finish, planned, out))
+            writes.append(writing.submit(finish, unit, out, used))
             while len(writes) > _WRITE_BEHIND:
                 writes.popleft().result()
         for w in writes:
@@ -215,7 +306,8 @@ def run_merge(
             entries = [(t.name, t.shape, t.dtype) for t in plan.tensors]
             with ShardWriter(tmp, entries, max_shard_bytes=max_bytes) as writer:
                 place = _Placement(shard_threshold)
-                _stream(plan, writer, jax.random.key(seed), progress, place)
+                key = jax.random.key(seed) if plan.method.random else None
+                _stream(plan, writer, key, progress, place)
                 files = writer.finish()
             _write_sidecars(plan, tmp)
     finally:
