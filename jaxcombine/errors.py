@@ -16,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+
 
 class JaxcombineError(Exception):
     """Base class: a message, the place it concerns and how to fix it."""
@@ -66,3 +68,9 @@ __all__ = [
     "TensorError",
     "UnsupportedModelError",
 ]
+
+
+def closest(name: str, options) -> str:
+    """A fix hint: the closest valid name ("did you mean 'ties'?"), else every valid one."""
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f"did you mean {match[0]!r}?" if match else f"valid: {', '.join(sorted(options))}"

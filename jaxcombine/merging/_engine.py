@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcombine import rules
-from jaxcombine.errors import ConfigError
+from jaxcombine.errors import ConfigError, closest
 from jaxcombine.tree import check_same_structure, path_string
 
 REQUIRED = object()
@@ -121,9 +120,13 @@ def boolean(value):
     return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
 
 
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1)
-    return f"did you mean {match[0]!r}?" if match else f"valid: {', '.join(sorted(options))}"
+def unknown_parameter(method: MergeMethod, name: str, where: str) -> ConfigError:
+    """The error for a setting ``method`` does not take, with the closest valid name."""
+    return ConfigError(
+        f"unknown parameter {name!r} for {method.name}",
+        where=where,
+        fix=closest(name, {p.name for p in method.params}),
+    )
 
 
 def _tensor_key(key: jax.Array, path: str) -> jax.Array:
@@ -184,19 +187,11 @@ def _check_param_names(method: MergeMethod, model_parameters, parameters):
     known = {p.name: p for p in method.params}
     for name in parameters:
         if name not in known:
-            raise ConfigError(
-                f"unknown parameter {name!r} for {method.name}",
-                where=f"parameters.{name}",
-                fix=_closest(name, known),
-            )
+            raise unknown_parameter(method, name, f"parameters.{name}")
     for i, own in enumerate(model_parameters):
         for name in own:
             if name not in known:
-                raise ConfigError(
-                    f"unknown parameter {name!r} for {method.name}",
-                    where=f"models[{i}].parameters.{name}",
-                    fix=_closest(name, known),
-                )
+                raise unknown_parameter(method, name, f"models[{i}].parameters.{name}")
             if known[name].scope != "model":
                 raise ConfigError(
                     f"{name!r} is one value for the whole merge in {method.name}, "
@@ -373,7 +368,7 @@ def merge(
             raise ConfigError(
                 f"unknown merge method {method!r}",
                 where="merge_method",
-                fix=_closest(method, SPECS),
+                fix=closest(method, SPECS),
             )
         method = SPECS[method]
     models = list(models)

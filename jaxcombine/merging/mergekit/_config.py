@@ -29,7 +29,6 @@ working directory (as mergekit does), then relative to the config file.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import ml_dtypes
 import numpy as np
 import yaml
 
-from jaxcombine.errors import ConfigError
+from jaxcombine.errors import ConfigError, closest
 from jaxcombine.hf import require_model_dir
 
 TOP_LEVEL_KEYS = (
@@ -126,18 +125,13 @@ class MergeConfig:
         return list(dict.fromkeys(seen))
 
 
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1)
-    return f"did you mean {match[0]!r}?" if match else f"valid keys: {', '.join(options)}"
-
-
 def _check_keys(mapping: Mapping, allowed, where: str) -> None:
     if not isinstance(mapping, Mapping):
         raise ConfigError(f"expected a mapping, got {mapping!r}", where=where)
     for key in mapping:
         if key not in allowed:
             raise ConfigError(
-                f"unknown key {key!r}", where=f"{where}.{key}", fix=_closest(str(key), allowed)
+                f"unknown key {key!r}", where=f"{where}.{key}", fix=closest(str(key), allowed)
             )
 
 
@@ -195,7 +189,7 @@ def _dtype(value, where: str) -> np.dtype | None:
         return None
     name = str(value).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ConfigError(f"unsupported dtype {value!r}", where=where, fix=_closest(name, _DTYPES))
+        raise ConfigError(f"unsupported dtype {value!r}", where=where, fix=closest(name, _DTYPES))
     return _DTYPES[name]
 
 
@@ -364,7 +358,7 @@ def parse_merge_config(
 
     if method not in SPECS:
         raise ConfigError(
-            f"unknown merge method {method!r}", where="merge_method", fix=_closest(method, SPECS)
+            f"unknown merge method {method!r}", where="merge_method", fix=closest(method, SPECS)
         )
     if raw.get("modules") is not None:
         raise ConfigError(

@@ -40,7 +40,12 @@ import numpy as np
 from jaxcombine import rules
 from jaxcombine.errors import CheckpointError, ConfigError, TensorError
 from jaxcombine.hf import SafetensorsCheckpoint
-from jaxcombine.merging._engine import MergeMethod, check_model_count, leaf_parameters
+from jaxcombine.merging._engine import (
+    MergeMethod,
+    check_model_count,
+    leaf_parameters,
+    unknown_parameter,
+)
 from jaxcombine.merging.mergekit._config import MergeConfig, OutputSlice
 from jaxcombine.merging.mergekit._vocab import VocabPlan, plan_vocabulary
 
@@ -440,17 +445,11 @@ def _all_settings(config: MergeConfig):
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod) -> None:
-    known = {p.name: p for p in method.params}
-    from jaxcombine.merging.mergekit._config import _closest
-
+    known = {p.name for p in method.params}
     for where, scope in _all_settings(config):
         for name in scope:
             if name not in known:
-                raise ConfigError(
-                    f"unknown parameter {name!r} for {method.name}",
-                    where=f"{where}.{name}",
-                    fix=_closest(name, known),
-                )
+                raise unknown_parameter(method, name, f"{where}.{name}")
 
 
 def _check_rules_match(config: MergeConfig, names: list[str]) -> None:
