@@ -1,0 +1,284 @@
+"""Routing for sparse mixtures of experts: pure functions of router logits.
+
+Dimension letters (as in V-MoE and MaxText):
+
+    G  groups: routing and capacity are per group (default: one sequence)
+    S  group size: tokens per group
+    E  experts
+    C  capacity: slots per expert per group
+    K  experts per token (top-k)
+    D  model width
+    F  expert hidden width
+
+Token choice (Shazeer 2017; GShard; Switch; Mixtral): each token takes the
+top-K experts of ``softmax(logits)`` (weights renormalised over the K for
+Mixtral, not for Switch). With a capacity, each expert has C slots per group;
+slots are claimed first by every token's first choice, then by second
+choices, and so on, in token order or by router probability (V-MoE's
+batch-prioritised routing). A choice that finds its expert full is dropped:
+it contributes zero (the residual carries the token).
+
+Worked example, G = 1, S = 4 tokens, E = 4 experts, K = 2, C = 2::
+
+    token   choices (expert, weight)   slot claimed
+    t0      (e1, .6) (e2, .4)          e1#0   e2#1
+    t1      (e1, .7) (e0, .3)          e1#1   e0#0
+    t2      (e1, .5) (e2, .5)          e1 -   e2#2 -> dropped (C = 2)
+    t3      (e2, .8) (e3, .2)          e2#0   e3#0
+
+    round 1 (first choices, token order): e1 <- t0, t1 (full), t2 dropped;
+                                          e2 <- t3
+    round 2 (second choices):             e2 <- t0 (slot 1), e0 <- t1,
+                                          e2 full for t2, e3 <- t3
+
+``slots[g, s, k]`` holds the slot index, or C for a dropped choice. Dispatch
+and combine use these indices (a gather into ``[G, E, C, D]`` expert inputs,
+a gather back and a weighted sum over K): no ``[G, S, E, C]`` one-hot tensor
+is built, unlike flaxformer's and V-MoE's einsum dispatch (kept in the tests
+as the slow reference).
+
+Expert choice (Zhou et al. 2022, arXiv:2202.09368): each expert takes the C
+tokens of its group with the highest router probability; a token may get
+zero or several experts. It looks at the whole group, future tokens
+included, so it does not suit causal decoding.
+
+Losses are returned, never added silently: the load-balancing loss
+(Switch / GShard: E * sum_e f_e P_e, f_e the fraction of token choices routed
+to e, P_e the mean router probability of e) and the router z-loss (ST-MoE:
+mean of logsumexp(logits)^2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxcombine.errors import ConfigError
+
+Priority = Literal["token", "probability"]
+Rounding = Literal["ceil", "floor", "round"]
+
+
+class Routing(NamedTuple):
+    """Token-choice routing of one batch of groups.
+
+    ``experts`` [G, S, K] the chosen expert per token and choice; ``weights``
+    [G, S, K] its combine weight (0 where dropped); ``slots`` [G, S, K] its
+    slot in the expert's buffer, ``capacity`` where dropped.
+    """
+
+    experts: jax.Array
+    weights: jax.Array
+    slots: jax.Array
+    capacity: int
+
+
+def router_probabilities(logits: jax.Array) -> jax.Array:
+    """softmax over experts, in float32 (Switch's selective precision)."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def top_k_choice(probs: jax.Array, k: int, *, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """The K most probable experts per token and their weights ``[..., K]``.
+
+    ``renormalize``: weights divided by their sum over the K (Mixtral);
+    otherwise the raw probabilities (Switch top-1).
+    """
+    check_k(k, probs.shape[-1])
+    weights, experts = jax.lax.top_k(probs, k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def check_k(k: int, num_experts: int) -> None:
+    if not 1 <= k <= num_experts:
+        raise ConfigError(
+            f"experts per token k={k} must be between 1 and the number of experts ({num_experts})",
+            where="num_experts_per_token",
+            fix=f"choose k <= {num_experts}",
+        )
+
+
+def expert_capacity(
+    group_size: int,
+    num_experts: int,
+    k: int,
+    capacity_factor: float,
+    *,
+    rounding: Rounding = "ceil",
+    multiple_of: int = 1,
+    minimum: int = 1,
+) -> int:
+    """Slots per expert per group: ``round(capacity_factor * S * K / E)``.
+
+    ``rounding``: "ceil" (GShard, MaxText), "floor" or "round" (Switch's T5X
+    code rounds to the nearest integer); the result is then rounded up to a
+    multiple of ``multiple_of`` (hardware-friendly sizes, e.g. 4 or 128) and
+    is at least ``minimum``.
+    """
+    if not capacity_factor > 0:
+        raise ConfigError(
+            f"capacity_factor must be > 0, got {capacity_factor}",
+            where="capacity_factor",
+            fix="use e.g. 1.25, or capacity_factor=None for dropless routing",
+        )
+    raw = capacity_factor * group_size * k / num_experts
+    slots = {"ceil": math.ceil, "floor": math.floor, "round": round}[rounding](raw)
+    slots = -(-slots // multiple_of) * multiple_of
+    return max(int(slots), minimum)
+
+
+def assign_slots(
+    experts: jax.Array, num_experts: int, capacity: int, *, priority: jax.Array | None = None
+) -> jax.Array:
+    """Slot of every choice in its expert's buffer, ``capacity`` where it is full.
+
+    ``experts`` [G, S, K]. Round k gives the k-th choices slots after every
+    earlier round. Within a round tokens go in token order, or by descending
+    ``priority`` [G, S] (batch-prioritised routing: the router's top
+    probability), ties by token order. Works with a [G, S, E] count, never a
+    [G, S, E, C] tensor.
+    """
+    G, S, K = experts.shape
+    if priority is None:
+        order = jnp.broadcast_to(jnp.arange(S), (G, S))
+    else:
+        order = jnp.argsort(-priority, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)  # token -> its place in the order
+    ordered = jnp.take_along_axis(experts, order[..., None], axis=1)  # [G, S, K]
+    filled = jnp.zeros((G, num_experts), jnp.int32)
+    slots = []
+    for choice in range(K):
+        hits = jax.nn.one_hot(ordered[:, :, choice], num_experts, dtype=jnp.int32)  # [G, S, E]
+        position = jnp.cumsum(hits, axis=1) - 1 + filled[:, None, :]
+        slot = jnp.sum(position * hits, axis=-1)  # [G, S]
+        slots.append(jnp.where(slot < capacity, slot, capacity))
+        filled = filled + jnp.sum(hits, axis=1)
+    slots = jnp.stack(slots, axis=-1)  # in priority order
+    return jnp.take_along_axis(slots, rank[..., None], axis=1).astype(jnp.int32)
+
+
+def token_choice(
+    logits: jax.Array,
+    k: int,
+    *,
+    capacity: int | None,
+    renormalize: bool,
+    priority: Priority = "token",
+) -> Routing:
+    """Top-K token-choice routing of ``logits`` [G, S, E] with ``capacity`` slots.
+
+    ``capacity=None``: no slot limit, no choice dropped (then ``slots`` still
+    number each expert's tokens, and ``capacity`` is S * K).
+    """
+    G, S, E = logits.shape
+    probs = router_probabilities(logits)
+    weights, experts = top_k_choice(probs, k, renormalize=renormalize)
+    capacity = S * k if capacity is None else capacity
+    order = jnp.max(probs, axis=-1) if priority == "probability" else None
+    slots = assign_slots(experts, E, capacity, priority=order)
+    weights = jnp.where(slots < capacity, weights, 0.0)
+    return Routing(experts, weights, slots, capacity)
+
+
+def dispatch(x: jax.Array, routing: Routing, num_experts: int) -> jax.Array:
+    """Expert inputs ``[G, E, C, D]`` gathered from tokens ``x`` [G, S, D] (empty slots 0)."""
+    G, S, D = x.shape
+    C = routing.capacity
+    token = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], routing.slots.shape)
+    owner = jnp.full((G, num_experts, C + 1), S, jnp.int32)  # slot -> token (S: empty)
+    g = jnp.arange(G)[:, None, None]
+    owner = owner.at[g, routing.experts, routing.slots].set(token, mode="drop")[:, :, :C]
+    padded = jnp.concatenate([x, jnp.zeros((G, 1, D), x.dtype)], axis=1)
+    return jnp.take_along_axis(padded, owner.reshape(G, -1)[..., None], axis=1).reshape(
+        G, num_experts, C, D
+    )
+
+
+def combine(expert_out: jax.Array, routing: Routing) -> jax.Array:
+    """Token outputs [G, S, D]: sum over K of weight x the expert's output at its slot."""
+    G, E, C, D = expert_out.shape
+    padded = jnp.concatenate([expert_out, jnp.zeros((G, E, 1, D), expert_out.dtype)], axis=2)
+    flat = routing.experts * (C + 1) + routing.slots  # [G, S, K] into [E * (C + 1)]
+    S, K = flat.shape[1:]
+    picked = jnp.take_along_axis(padded.reshape(G, -1, D), flat.reshape(G, -1)[..., None], axis=1)
+    picked = picked.reshape(G, S, K, D)
+    return jnp.einsum("gsk,gskd->gsd", routing.weights.astype(picked.dtype), picked)
+
+
+class ExpertChoice(NamedTuple):
+    """Expert-choice routing: ``tokens`` [G, E, C] each expert's tokens, ``weights`` [G, E, C]."""
+
+    tokens: jax.Array
+    weights: jax.Array
+
+
+def expert_choice(logits: jax.Array, capacity: int) -> ExpertChoice:
+    """Each expert takes the ``capacity`` tokens of its group with the highest router
+    probability (softmax over experts, per token). Not for causal decoding: a
+    token's experts depend on the later tokens of its group."""
+    S = logits.shape[1]
+    if not 1 <= capacity <= S:
+        raise ConfigError(
+            f"expert-choice capacity {capacity} must be between 1 and the group size {S}",
+            where="capacity",
+            fix="lower capacity_factor or use larger groups",
+        )
+    probs = router_probabilities(logits)  # [G, S, E]
+    weights, tokens = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)  # [G, E, C]
+    return ExpertChoice(tokens.astype(jnp.int32), weights)
+
+
+def expert_choice_dispatch(x: jax.Array, choice: ExpertChoice) -> jax.Array:
+    """Expert inputs [G, E, C, D]."""
+    G, E, C = choice.tokens.shape
+    picked = jnp.take_along_axis(x, choice.tokens.reshape(G, -1)[..., None], axis=1)
+    return picked.reshape(G, E, C, x.shape[-1])
+
+
+def expert_choice_combine(expert_out: jax.Array, choice: ExpertChoice, group_size: int):
+    """Token outputs [G, S, D]: each token sums its experts' weighted outputs."""
+    G, E, C, D = expert_out.shape
+    weighted = expert_out * choice.weights[..., None].astype(expert_out.dtype)
+    out = jnp.zeros((G, group_size, D), expert_out.dtype)
+    g = jnp.arange(G)[:, None]
+    return out.at[g, choice.tokens.reshape(G, -1)].add(weighted.reshape(G, -1, D))
+
+
+def load_balancing_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
+    """Switch / GShard auxiliary loss, E * sum_e f_e * P_e, averaged over groups.
+
+    ``probs`` [G, S, E] router probabilities, ``experts`` [G, S, K] the chosen
+    experts (before capacity). f_e: choices routed to e over S (summing to K),
+    P_e: mean probability of e. Equals HF's Switch ``load_balancing_loss_func``
+    for K = 1 and Mixtral's for G = 1. Minimal (1 for K = 1) when balanced.
+    """
+    E = probs.shape[-1]
+    counts = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32), axis=(1, 2))  # [G, E]
+    fraction = counts / experts.shape[1]
+    mean_prob = jnp.mean(probs.astype(jnp.float32), axis=1)  # [G, E]
+    return E * jnp.mean(jnp.sum(fraction * mean_prob, axis=-1))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+    """ST-MoE's z-loss (Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def router_stats(probs: jax.Array, routing: Routing) -> dict[str, jax.Array]:
+    """For logging: ``load`` [E] share of choices per expert (before capacity),
+    ``dropped`` fraction of choices over capacity, ``entropy``: :func:`router_entropy`."""
+    E = probs.shape[-1]
+    load = jnp.mean(jax.nn.one_hot(routing.experts, E, dtype=jnp.float32), axis=(0, 1, 2))
+    dropped = jnp.mean((routing.slots >= routing.capacity).astype(jnp.float32))
+    return {"load": load, "dropped": dropped, "entropy": router_entropy(probs)}
+
+
+def router_entropy(probs: jax.Array) -> jax.Array:
+    """Mean over tokens of the router distribution's entropy (nats)."""
+    p = probs.astype(jnp.float32)
+    return -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
