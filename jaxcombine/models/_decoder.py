@@ -29,18 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcombine.models._config import DecoderConfig
-from jaxcombine.models._layers import Dense, Embedding, RMSNorm, dropout
+from jaxcombine.models._layers import Dense, Embedding, RMSNorm, activation, dropout
 from jaxcombine.models._rope import apply_rope, inverse_frequencies
-
-
-def _activation(name: str):
-    return {
-        "silu": jax.nn.silu,
-        "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    }[name]
 
 
 class KVCache(NamedTuple):
@@ -133,7 +123,7 @@ class MLP(nnx.Module):
         self.down_proj = Dense((F, E), ("mlp", "embed"), config.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = _activation(self.hidden_act)
+        act = activation(self.hidden_act)
         return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -27,10 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcombine.errors import ConfigError
-from jaxcombine.models._layers import param
+from jaxcombine.models._config import ACTIVATIONS
+from jaxcombine.models._layers import activation, param
 from jaxcombine.moe import routing as R
-
-_ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu}
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,11 @@ class MoEConfig:
                 where="MoEConfig.capacity_factor",
                 fix="set capacity_factor (each expert takes factor * S * K / E tokens)",
             )
-        if self.activation not in _ACTIVATIONS:
+        if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"unknown activation {self.activation!r}",
                 where="MoEConfig.activation",
-                fix=f"use one of {sorted(_ACTIVATIONS)}",
+                fix=f"use one of {', '.join(ACTIVATIONS)} (HF's hidden_act names)",
             )
 
 
@@ -110,7 +109,7 @@ class SparseMoE(nnx.Module):
 
     def experts(self, inputs: jax.Array) -> jax.Array:
         """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D]."""
-        act = _ACTIVATIONS[self.config.activation]
+        act = activation(self.config.activation)
         up = jnp.einsum("...ecd,edf->...ecf", inputs, self.up[...])
         hidden = act(jnp.einsum("...ecd,edf->...ecf", inputs, self.gate[...])) * up if (
             self.gate is not None
