@@ -39,7 +39,6 @@ from jaxcombine.merging.mergekit import (
 HERE = Path(__file__).parent / "fixtures" / "mergekit"
 CLI = HERE / "cli"
 METHOD_GOLDENS = sorted(p.stem for p in HERE.glob("*.yml"))
-CLI_GOLDENS = sorted(p.stem for p in CLI.glob("*.yml"))
 RANDOM = sorted(name for name, spec in merging.SPECS.items() if spec.random)
 
 

@@ -99,7 +99,8 @@ def test_dispatch_and_combine_equal_one_hot_einsums(priority):
     logits = _logits(1, (G, S, E))
     x = jax.random.normal(jax.random.key(2), (G, S, D))
     capacity = R.expert_capacity(S, E, K, 0.75)
-    routing = R.token_choice(logits, K, capacity=capacity, renormalize=True, priority=priority)
+    probs = R.router_probabilities(logits)
+    routing = R.token_choice(probs, K, capacity=capacity, renormalize=True, priority=priority)
     assert bool(jnp.any(routing.slots == capacity))  # some choices dropped
     dispatch_mask, combine_mask = one_hot_masks(routing, E)
     inputs = R.dispatch(x, routing, E)
@@ -125,7 +126,7 @@ def test_expert_choice_equals_loop():
     G, S, E, C, D = 2, 8, 4, 3, 5
     logits = _logits(4, (G, S, E))
     x = jax.random.normal(jax.random.key(5), (G, S, D))
-    choice = R.expert_choice(logits, C)
+    choice = R.expert_choice(R.router_probabilities(logits), C)
     w = jax.random.normal(jax.random.key(6), (E, D, D))
     out = jnp.einsum("gecd,edf->gecf", R.expert_choice_dispatch(x, choice), w)
     got = R.expert_choice_combine(out, choice, S)
@@ -171,6 +172,28 @@ def test_layer_equals_dense_loop_with_room_for_every_token(capacity_factor, prio
     assert len(got) == len(ref) >= 3
     for a, b in zip(got, ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_expert_choice_layer_equals_loop():
+    config = MoEConfig(4, 8, 16, num_experts_per_token=1, capacity_factor=1.0,
+                       routing="expert_choice")  # fmt: skip
+    layer = SparseMoE(config, rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(9), (2, 6, 8))
+    y, aux = layer(x)
+    C = R.expert_capacity(6, 4, 1, 1.0)
+    logits = jnp.einsum("btd,de->bte", x, layer.router[...])
+    probs = np.asarray(R.router_probabilities(logits))
+    expected = np.zeros((2, 6, 8), np.float32)
+    taken = np.zeros((2, 6), bool)
+    for g in range(2):
+        for e in range(4):
+            w_in = np.asarray(layer.gate[...][e]), np.asarray(layer.up[...][e])
+            for s in np.argsort(-probs[g, :, e], kind="stable")[:C]:
+                h = np.asarray(jax.nn.silu(x[g, s] @ w_in[0])) * (np.asarray(x[g, s]) @ w_in[1])
+                expected[g, s] += probs[g, s, e] * (h @ np.asarray(layer.down[...][e]))
+                taken[g, s] = True
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    np.testing.assert_allclose(aux.dropped, 1 - taken.mean(), atol=1e-6)
 
 
 def test_groups_and_bad_group_size():

@@ -275,26 +275,17 @@ def _resolve_params(method, reference, model_parameters, parameters, num_layers)
     return paths, values
 
 
-def merge_leaf(method: MergeMethod, base, models: Sequence, values: Mapping[str, Any], *, key=None):
+def merge_leaf(
+    method: MergeMethod, base, models: Sequence, values: Mapping[str, Any], *, key=None,
+    dtype=None, out_dtype=None,
+):  # fmt: skip
     """One tensor merged: ``method.leaf`` jitted, static settings as static arguments.
 
     ``models`` are the fine-tuned tensors (stacked inside the compiled
     function), ``values`` the keywords from :func:`leaf_parameters`, ``key`` the
-    tensor's own key for random methods. Integer tensors are returned unchanged.
-    """
-    first = base if base is not None else models[0]
-    if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):
-        return first
-    return _call(method, values, key)(base, tuple(models))
-
-
-def merge_leaf_cast(
-    method: MergeMethod, base, models: Sequence, values: Mapping[str, Any], *, key=None,
-    dtype=None, out_dtype=None,
-):  # fmt: skip
-    """:func:`merge_leaf` with the inputs cast to ``dtype`` and the result to
-    ``out_dtype`` inside the compiled function (no host-side casts). Integer
-    tensors come back unchanged.
+    tensor's own key for random methods. ``dtype`` / ``out_dtype``: the inputs
+    and the result cast inside the compiled function (no host-side casts).
+    Integer tensors are returned unchanged.
     """
     first = base if base is not None else models[0]
     if not jnp.issubdtype(jnp.result_type(first), jnp.inexact):

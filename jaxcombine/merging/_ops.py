@@ -76,16 +76,16 @@ def _top_k_by_radix(bits: jax.Array, k: jax.Array, ties: str) -> jax.Array:
         order = jnp.cumsum(tied, dtype=jnp.int32)
     else:
         order = jnp.cumsum(tied[::-1], dtype=jnp.int32)[::-1]
-    return above | (tied & (order <= room)) & (k > 0)
+    return (above | (tied & (order <= room))) & (k > 0)
 
 
 def _top_k_on_host(bits: jax.Array, k: jax.Array, ties: str) -> jax.Array:
     def host(bits, k):
         bits = np.asarray(bits)  # the callback's arguments are CPU jax arrays: no copy
-        k, size = int(k), bits.size
-        if k <= 0 or k >= size:
+        k = int(k)
+        if k <= 0 or k >= bits.size:
             return np.full(bits.shape, k > 0)
-        threshold = np.partition(bits, size - k)[size - k]
+        threshold = _host_kth(k, bits)
         mask = bits > threshold
         room = k - np.count_nonzero(mask)
         tied = np.flatnonzero(bits == threshold)

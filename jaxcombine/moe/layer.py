@@ -5,7 +5,8 @@ parameters and runs the experts. Letters as there: G groups, S group size,
 E experts, C capacity, K experts per token, D model width, F expert width.
 
     logits  = x . W_router                              # [G, S, E], float32
-    routing = token_choice(logits, K, capacity)         # or expert_choice
+    probs   = softmax(logits)
+    routing = token_choice(probs, K, capacity)          # or expert_choice
     inputs  = dispatch(x, routing)                      # [G, E, C, D] gathered
     outputs = expert_e(inputs[:, e])  for every e       # batched over E
     y       = combine(outputs, routing)                 # [G, S, D]
@@ -111,16 +112,17 @@ class SparseMoE(nnx.Module):
         """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D]."""
         act = activation(self.config.activation)
         up = jnp.einsum("...ecd,edf->...ecf", inputs, self.up[...])
-        hidden = act(jnp.einsum("...ecd,edf->...ecf", inputs, self.gate[...])) * up if (
-            self.gate is not None
-        ) else act(up)  # fmt: skip
+        if self.gate is None:
+            hidden = act(up)
+        else:
+            hidden = act(jnp.einsum("...ecd,edf->...ecf", inputs, self.gate[...])) * up
         return jnp.einsum("...ecf,efd->...ecd", hidden, self.down[...])
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, MoEAux]:
         config = self.config
         B, T, D = x.shape
         groups = _groups(x, config.group_size)  # [G, S, D]
-        G, S, _ = groups.shape
+        S = groups.shape[1]
         routed = groups
         if config.router_jitter > 0 and not deterministic:
             noise = jax.random.uniform(
@@ -134,31 +136,24 @@ class SparseMoE(nnx.Module):
         probs = R.router_probabilities(logits)
         E, K = config.num_experts, config.num_experts_per_token
         if config.routing == "expert_choice":
-            capacity = self._capacity(S)
-            choice = R.expert_choice(logits, capacity)
+            choice = R.expert_choice(probs, self._capacity(S))
             out = self.experts(R.expert_choice_dispatch(groups, choice))
             y = R.expert_choice_combine(out, choice, S)
-            chosen = (
-                jnp.zeros((G, S), jnp.float32)
-                .at[jnp.arange(G)[:, None], choice.tokens.reshape(G, -1)]
-                .add(1.0)
-            )
-            aux = MoEAux(
-                jnp.float32(0.0), R.router_z_loss(logits), jnp.full((E,), 1.0 / E),
-                jnp.mean((chosen == 0).astype(jnp.float32)), R.router_entropy(probs),
+            balance, stats = jnp.float32(0.0), R.expert_choice_stats(probs, choice)
+        else:
+            capacity = None if config.capacity_factor is None else self._capacity(S)
+            routing = R.token_choice(
+                probs, K, capacity=capacity, renormalize=config.renormalize,
+                priority=config.priority,
             )  # fmt: skip
-            return y.reshape(B, T, D).astype(x.dtype), aux
-        capacity = None if config.capacity_factor is None else self._capacity(S)
-        routing = R.token_choice(
-            logits, K, capacity=capacity, renormalize=config.renormalize,
-            priority=config.priority,
-        )  # fmt: skip
-        y = R.combine(self.experts(R.dispatch(groups, routing, E)), routing)
-        stats = R.router_stats(probs, routing)
+            y = R.combine(self.experts(R.dispatch(groups, routing, E)), routing)
+            balance, stats = (
+                R.load_balancing_loss(probs, routing.experts),
+                R.router_stats(probs, routing),
+            )
         aux = MoEAux(
-            R.load_balancing_loss(probs, routing.experts), R.router_z_loss(logits),
-            stats["load"], stats["dropped"], stats["entropy"],
-        )  # fmt: skip
+            balance, R.router_z_loss(logits), stats["load"], stats["dropped"], stats["entropy"]
+        )
         return y.reshape(B, T, D).astype(x.dtype), aux
 
     def _capacity(self, group_size: int) -> int:

@@ -163,20 +163,20 @@ def assign_slots(
 
 
 def token_choice(
-    logits: jax.Array,
+    probs: jax.Array,
     k: int,
     *,
     capacity: int | None,
     renormalize: bool,
     priority: Priority = "token",
 ) -> Routing:
-    """Top-K token-choice routing of ``logits`` [G, S, E] with ``capacity`` slots.
+    """Top-K token-choice routing of router probabilities ``probs`` [G, S, E]
+    (:func:`router_probabilities`) with ``capacity`` slots per expert.
 
     ``capacity=None``: no slot limit, no choice dropped (then ``slots`` still
     number each expert's tokens, and ``capacity`` is S * K).
     """
-    G, S, E = logits.shape
-    probs = router_probabilities(logits)
+    G, S, E = probs.shape
     weights, experts = top_k_choice(probs, k, renormalize=renormalize)
     capacity = S * k if capacity is None else capacity
     order = jnp.max(probs, axis=-1) if priority == "probability" else None
@@ -217,18 +217,17 @@ class ExpertChoice(NamedTuple):
     weights: jax.Array
 
 
-def expert_choice(logits: jax.Array, capacity: int) -> ExpertChoice:
+def expert_choice(probs: jax.Array, capacity: int) -> ExpertChoice:
     """Each expert takes the ``capacity`` tokens of its group with the highest router
-    probability (softmax over experts, per token). Not for causal decoding: a
-    token's experts depend on the later tokens of its group."""
-    S = logits.shape[1]
+    probability (``probs`` [G, S, E], softmax over experts per token). Not for
+    causal decoding: a token's experts depend on the later tokens of its group."""
+    S = probs.shape[1]
     if not 1 <= capacity <= S:
         raise ConfigError(
             f"expert-choice capacity {capacity} must be between 1 and the group size {S}",
             where="capacity",
             fix="lower capacity_factor or use larger groups",
         )
-    probs = router_probabilities(logits)  # [G, S, E]
     weights, tokens = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)  # [G, E, C]
     return ExpertChoice(tokens.astype(jnp.int32), weights)
 
@@ -276,6 +275,16 @@ def router_stats(probs: jax.Array, routing: Routing) -> dict[str, jax.Array]:
     load = jnp.mean(jax.nn.one_hot(routing.experts, E, dtype=jnp.float32), axis=(0, 1, 2))
     dropped = jnp.mean((routing.slots >= routing.capacity).astype(jnp.float32))
     return {"load": load, "dropped": dropped, "entropy": router_entropy(probs)}
+
+
+def expert_choice_stats(probs: jax.Array, choice: ExpertChoice) -> dict[str, jax.Array]:
+    """:func:`router_stats` for expert choice: ``load`` is 1/E per expert by
+    construction, ``dropped`` the fraction of tokens no expert took."""
+    G, S, E = probs.shape
+    taken = jnp.zeros((G, S), jnp.int32).at[jnp.arange(G)[:, None], choice.tokens.reshape(G, -1)]
+    taken = taken.add(1)
+    dropped = jnp.mean((taken == 0).astype(jnp.float32))
+    return {"load": jnp.full((E,), 1.0 / E), "dropped": dropped, "entropy": router_entropy(probs)}
 
 
 def router_entropy(probs: jax.Array) -> jax.Array:

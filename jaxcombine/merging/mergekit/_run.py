@@ -1,13 +1,15 @@
-"""Run a merge plan: stream one output tensor at a time from memory-mapped inputs to disk.
+"""Run a merge plan: stream the output to disk one unit at a time.
 
-For each planned tensor, in order: read its inputs (one ``pread`` each into an
-aligned buffer that XLA's CPU client uses in place; re-indexed onto the output
-vocabulary where needed; checked finite with numpy on the host), then one
-jitted call casts them to ``dtype``, merges them with the method's leaf
-function and casts the result to the output dtype; the result's bytes go to
-their place in the output shard. Reading ahead, computing and writing overlap (a reader thread at
-most ``_READ_AHEAD_BYTES`` ahead, a writer thread behind), and only a few
-tensors are alive at once, so peak memory does not grow with the model.
+A unit is one output tensor, or for elementwise methods one flat chunk of it
+(:func:`_units`). For each unit, in order: read its inputs (one ``pread`` each
+into a reused aligned buffer that XLA's CPU client uses in place; re-indexed
+onto the output vocabulary where needed; checked finite with numpy on the
+host), then one jitted call casts them to ``dtype``, merges them with the
+method's leaf function and casts the result to the output dtype; the result's
+bytes go to their place in the output shard. Reading ahead, computing and
+writing overlap (reader threads at most ``_READ_AHEAD_BYTES`` ahead, a writer
+thread behind), and only a few units are alive at once, so peak memory does
+not grow with the model.
 
 The output directory is built under a temporary name and renamed when
 complete: a killed merge leaves no ``OUT_DIR``.
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from jaxcombine._fs import atomic_directory
 from jaxcombine.errors import TensorError
 from jaxcombine.hf._safetensors import SIDECAR_FILES, ShardWriter, aligned_empty, parse_size
-from jaxcombine.merging._engine import _tensor_key, merge_leaf_cast
+from jaxcombine.merging._engine import _tensor_key, merge_leaf
 from jaxcombine.merging.mergekit._chat import resolve_chat_template, write_chat_template
 from jaxcombine.merging.mergekit._plan import MergePlan, PlannedTensor
 from jaxcombine.merging.mergekit._vocab import write_tokenizer
@@ -222,16 +224,15 @@ def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _P
 
     dtype = plan.config.dtype
     with ThreadPoolExecutor(2) as reader, ThreadPoolExecutor(1) as writing:
-        reads, ahead = deque(), 0
-        writes = deque()
-        for i, unit in enumerate(units):
-            while ahead < len(units) and (
-                ahead <= i
-                or sum(input_bytes(units[j]) for j in range(i, ahead)) < _READ_AHEAD_BYTES
-            ):
+        reads, writes = deque(), deque()
+        ahead, ahead_bytes = 0, 0  # units submitted to the readers, their input bytes not merged
+        for unit in units:
+            while ahead < len(units) and (not reads or ahead_bytes < _READ_AHEAD_BYTES):
                 reads.append(reader.submit(read, units[ahead]))
+                ahead_bytes += input_bytes(units[ahead])
                 ahead += 1
             base, models, used = reads.popleft().result()
+            ahead_bytes -= input_bytes(unit)
             planned = unit.planned
             inputs = ([base] if base is not None else []) + models
             if unit.count is None:
@@ -241,7 +242,7 @@ def _stream(plan: MergePlan, writer: ShardWriter, key, progress: bool, place: _P
             else:
                 models = inputs
             tensor_key = _tensor_key(key, planned.name) if plan.method.random else None
-            out = merge_leaf_cast(
+            out = merge_leaf(
                 plan.method, base, models, planned.values, key=tensor_key,
                 dtype=dtype if _is_float(inputs[0].dtype) else None, out_dtype=planned.dtype,
             )  # fmt: skip
