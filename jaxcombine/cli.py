@@ -141,6 +141,25 @@ def cmd_merge(args) -> dict:
     return summary
 
 
+def cmd_moe(args) -> dict:
+    from jaxcombine.moe.mergekit_moe import load_moe_config, plan_moe, run_moe
+
+    config = load_moe_config(args.config)
+    plan = plan_moe(config, allow_all_same=args.i_understand_this_is_not_useful_without_training)
+    if args.dry_run:
+        text = plan.describe()
+        plan.close()
+        return {"plan": text, "dry_run": True, "message": text}
+    return run_moe(
+        plan,
+        args.out_dir,
+        seed=args.random_seed,
+        out_shard_size=args.out_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+
+
 def cmd_extract_lora(args) -> dict:
     from jaxcombine.lora import extract_lora
 
@@ -198,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
     mg.add_argument("--json", action="store_true", help="print one JSON object")
     mg.set_defaults(run=cmd_merge)
+
+    moe = sub.add_parser("moe", help="a Mixtral MoE from dense models (mergekit-moe YAML)")
+    moe.add_argument("config", help="mergekit-moe YAML config")
+    moe.add_argument("out_dir", help="output model directory")
+    moe.add_argument("--random-seed", type=int, default=0, help="seed for random gates, noise")
+    moe.add_argument("--out-shard-size", default="5B", help="max shard size (5B = 5e9 bytes)")
+    moe.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+    moe.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    moe.add_argument("--quiet", action="store_true", help="no progress bar")
+    moe.add_argument("--json", action="store_true", help="print one JSON object")
+    moe.add_argument(
+        "--i-understand-this-is-not-useful-without-training",
+        action="store_true",
+        help="allow prompt-initialised routers over copies of one model",
+    )
+    moe.set_defaults(run=cmd_moe)
 
     lo = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from model - base")
     lo.add_argument("--model", required=True, help="fine-tuned HF model directory")
