@@ -622,6 +622,18 @@ def plan_moe(config: MoEMergeConfig, *, allow_all_same: bool = False) -> MoEPlan
                         )
                     _check_float(ckpt, name)
         prompt_ids = _prompt_ids(config, V, base_cfg.get("max_position_embeddings"))
+        if config.gate_mode.startswith("hidden"):  # the NNX decoder must run the base
+            from jaxcombine.hf import load_config
+
+            try:
+                load_config(config.base_path)
+            except ConfigError as e:
+                raise type(e)(
+                    f"gate_mode {config.gate_mode} runs the base model with jaxcombine's "
+                    f"decoder, which cannot run it: {e.message}",
+                    where=e.where,
+                    fix=e.fix or "use gate_mode: cheap_embed or random for this base model",
+                ) from None
     except BaseException:
         for c in checkpoints.values():
             c.close()
