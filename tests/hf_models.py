@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -84,6 +85,15 @@ CONFIGS = {
         use_sliding_window=True,
         sliding_window=8,
         max_window_layers=1,
+        tie_word_embeddings=False,
+    ),
+    # Sparse MoE on every layer: 4 experts, top-2, renormalised (dropless).
+    "mixtral": lambda: MixtralConfig(
+        **_COMMON,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
         tie_word_embeddings=False,
     ),
 }

@@ -113,7 +113,7 @@ def reference_nll(model_dir, ids, window):
     return total / count, count
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "mistral"])
+@pytest.mark.parametrize("kind", ["llama_gqa", "mistral", "mixtral"])
 def test_cli_score_matches_transformers_loss(tiny_models, tmp_path, capsys, kind):
     path = tiny_models[kind]
     text = " ".join(hf_models.CORPUS * 3)  # several context windows of 64 tokens

@@ -143,7 +143,7 @@ def rewrite_tensors(path, edit):
 
 def test_unsupported_model_type(model_copy):
     edit_config(model_copy, model_type="gpt2")
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedModelError, match="'gpt2'.*llama, mistral, mixtral, qwen2"):
         load_model(model_copy)
 
 

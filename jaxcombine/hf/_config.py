@@ -16,12 +16,14 @@ from typing import Any
 
 from jaxcombine.errors import ConfigError, UnsupportedModelError
 from jaxcombine.models import DecoderConfig, RopeConfig
+from jaxcombine.moe import MoEConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
 
@@ -113,7 +115,21 @@ def _layer_types(hf: dict, model_type: str, num_layers: int):
         return int(window), tuple(
             "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
         )
-    return int(window), None  # mistral: every layer
+    return int(window), None  # mistral, mixtral: every layer
+
+
+def _mixtral_moe(hf: dict, where: str) -> MoEConfig:
+    """Mixtral's sparse MoE block: dropless top-k of a softmax, weights renormalised."""
+    return MoEConfig(
+        num_experts=_require(hf, "num_local_experts", where),
+        hidden_size=_require(hf, "hidden_size", where),
+        intermediate_size=_require(hf, "intermediate_size", where),
+        num_experts_per_token=_require(hf, "num_experts_per_tok", where),
+        capacity_factor=None,
+        renormalize=True,
+        activation=hf.get("hidden_act", "silu"),
+        router_jitter=float(hf.get("router_jitter_noise") or 0.0),
+    )
 
 
 def config_from_hf(hf: dict[str, Any], *, where: str = "config.json") -> DecoderConfig:
@@ -155,6 +171,7 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json") -> Decoder
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=hf.get("pad_token_id"),
+        moe=_mixtral_moe(hf, where) if model_type == "mixtral" else None,
     )
 
 
@@ -164,6 +181,7 @@ def config_to_hf(
     """A transformers config dict for ``config``, keeping ``base``'s other keys and form."""
     hf = dict(base or {})
     model_type = config.model_type
+    _check_writable(config)
     eos = list(config.eos_token_ids)
     hf.update(
         architectures=[_ARCHITECTURES[model_type]],
@@ -185,7 +203,13 @@ def config_to_hf(
     )
     if model_type == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
-    if model_type in ("mistral", "qwen2"):
+    if model_type == "mixtral":
+        hf.update(
+            num_local_experts=config.moe.num_experts,
+            num_experts_per_tok=config.moe.num_experts_per_token,
+            router_jitter_noise=config.moe.router_jitter,
+        )
+    if model_type in ("mistral", "mixtral", "qwen2"):
         hf["sliding_window"] = config.sliding_window
     if model_type == "qwen2":
         hf["use_sliding_window"] = config.sliding_window is not None
@@ -208,3 +232,27 @@ def config_to_hf(
         hf["rope_theta"] = rope.pop("rope_theta")
         hf["rope_scaling"] = rope if config.rope.type != "default" else None
     return hf
+
+
+def _check_writable(config: DecoderConfig) -> None:
+    """Only what an HF family computes can be written as that family."""
+    moe = config.moe
+    if config.model_type != "mixtral":
+        if moe is not None:
+            raise UnsupportedModelError(
+                f"a {config.model_type} model with sparse MoE layers has no Hugging Face "
+                "architecture",
+                where="DecoderConfig.moe",
+                fix="use model_type='mixtral' (MoE on every layer, as Mixtral computes), or keep "
+                "the model in Orbax checkpoints",
+            )
+        return
+    if not config.has_mixtral_moe:
+        raise UnsupportedModelError(
+            "this MoE configuration is not what HF Mixtral computes (Mixtral: an MoE FFN on "
+            "every layer, dropless top-k token choice with renormalised weights, gated experts "
+            "with the decoder's activation, no attention biases)",
+            where="DecoderConfig.moe",
+            fix="set moe_layer_step=1, capacity_factor=None, renormalize=True, gated=True and the "
+            "decoder's hidden_act, or keep the model in Orbax checkpoints",
+        )

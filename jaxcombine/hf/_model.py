@@ -50,7 +50,16 @@ def _check_tensors(
 ) -> None:
     """Every expected tensor present with its shape; nothing unexpected."""
     expected = {m.hf_name for m in maps}
-    missing = [m.hf_name for m in maps if m.hf_name not in ckpt.infos]
+    missing = list(dict.fromkeys(m.hf_name for m in maps if m.hf_name not in ckpt.infos))
+    experts = config.moe.num_experts if config.moe is not None else 0
+    if missing and any(".experts." in name for name in missing):
+        raise TensorError(
+            f"{len(missing)} expert tensor(s) are missing, e.g. {', '.join(missing[:3])}; "
+            f"config.json declares {experts} experts (num_local_experts) per MoE layer",
+            where=str(ckpt.dir),
+            fix="check num_local_experts in config.json, or that every expert's w1/w2/w3 "
+            "was written (an interrupted merge or copy leaves experts out)",
+        )
     if missing:
         shown = ", ".join(missing[:8]) + (
             f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -117,8 +126,8 @@ def load_model(
     """
     path = require_model_dir(model_dir)
     config = load_config(path, dropout_rate=dropout_rate)
-    maps = decoder_tensor_maps(config)
     with SafetensorsCheckpoint(path) as ckpt:
+        maps = decoder_tensor_maps(config, moe_layout=_moe_layout(ckpt))
         _check_tensors(ckpt, maps, config)
         if dtype is None:
             dtype = ckpt.infos["model.embed_tokens.weight"].dtype
@@ -126,9 +135,17 @@ def load_model(
         abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract)
         shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
+        shapes = {p: v.shape for p, v in nnx.to_flat_state(abstract_state)}
+        stacked: dict = {}  # expert slices gathered before placement
         values = {}
         for m in maps:
             array = m.to_model(ckpt.read(m.hf_name)).astype(dtype)
+            if m.expert is not None:
+                stack = stacked.setdefault(m.path, np.empty(shapes[m.path], dtype))
+                stack[m.expert] = array
+                if m.expert < len(stack) - 1:
+                    continue
+                array = stacked.pop(m.path)
             values[m.path] = _place(array, None if shardings is None else shardings[m.path])
         if config.tie_word_embeddings and "lm_head.weight" in ckpt.infos:
             head = ckpt.read("lm_head.weight")
@@ -141,6 +158,12 @@ def load_model(
                 )
     flat = [(p, v.replace(values[p])) for p, v in nnx.to_flat_state(abstract_state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _moe_layout(ckpt: SafetensorsCheckpoint) -> str:
+    """Per-expert hub names, or transformers 5's fused expert tensors."""
+    fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in ckpt.infos)
+    return "fused" if fused else "experts"
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -158,8 +181,14 @@ def _to_host(value: jax.Array) -> np.ndarray:
 def hf_tensors(model: Decoder, dtype=None):
     """The model's parameters as (HF name, numpy array) pairs, one at a time."""
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    host = {}  # a stacked expert parameter is gathered once, written expert by expert
     for m in decoder_tensor_maps(model.config):
-        array = m.to_hf(_to_host(state[m.path].get_value()))
+        if m.path not in host:
+            host[m.path] = _to_host(state[m.path].get_value())
+        value = host[m.path] if m.expert is None else host[m.path][m.expert]
+        if m.expert is None or m.expert == len(host[m.path]) - 1:
+            del host[m.path]
+        array = m.to_hf(value)
         yield m.hf_name, array if dtype is None else array.astype(dtype)
 
 
@@ -186,6 +215,7 @@ def save_model(
     base = read_hf_config(source_dir) if source_dir is not None else None
     param_dtype = model.embed_tokens.embedding.get_value().dtype
     out_dtype = jnp.dtype(_DTYPE_NAMES[dtype]) if dtype is not None else jnp.dtype(param_dtype)
+    hf = config_to_hf(model.config, base=base, dtype=out_dtype.name)  # checked before writing
     tensors = hf_tensors(model, out_dtype)
     out = Path(out_dir)
     if jax.process_index() != 0:
@@ -194,7 +224,6 @@ def save_model(
         return out
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_shards(tensors, tmp, max_shard_bytes=parse_size(max_shard_size))
-        hf = config_to_hf(model.config, base=base, dtype=out_dtype.name)
         with open(tmp / "config.json", "w") as f:
             json.dump(hf, f, indent=2, sort_keys=True)
         if source_dir is not None:

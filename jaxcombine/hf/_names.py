@@ -9,13 +9,30 @@ as [in, out] with the head axes split out, so attention is sharded by head:
     gate_proj.weight [F, E] <->  mlp/gate_proj/kernel [E, F]
     lm_head.weight [V, E]   <->  lm_head/kernel [E, V]
 
+Mixtral's sparse MoE layers (``moe`` in the NNX model) stack the experts:
+
+    block_sparse_moe.gate.weight [X, E]          <->  moe/router [E, X]
+    block_sparse_moe.experts.m.w1.weight [F, E]  <->  moe/gate [m] of [X, E, F]
+    block_sparse_moe.experts.m.w3.weight [F, E]  <->  moe/up [m]   of [X, E, F]
+    block_sparse_moe.experts.m.w2.weight [E, F]  <->  moe/down [m] of [X, F, E]
+
+(X experts; these are the hub files' names, which every transformers version
+reads and transformers 5 still writes). transformers 5 holds the experts
+fused in memory, and a state dict saved from it has
+
+    mlp.gate.weight [X, E]; mlp.experts.gate_up_proj [X, 2F, E] (gate rows
+    first); mlp.experts.down_proj [X, E, F]
+
+which :func:`decoder_tensor_maps` reads with ``layout="fused"`` (read only).
+A map with ``expert=m`` fills slice ``m`` of a stacked parameter.
+
 Every map is a transpose and a reshape, so the round trip is bit-exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -28,12 +45,16 @@ Path = tuple  # an NNX state path, e.g. ("layers", 0, "self_attn", "q_proj", "ke
 RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
 
 
+MoELayout = Literal["experts", "fused"]
+
+
 class TensorMap(NamedTuple):
     hf_name: str
     path: Path
     hf_shape: tuple[int, ...]
     to_model: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray] | None  # None: a read-only layout
+    expert: int | None = None  # the slice of a stacked [X, ...] parameter this fills
 
 
 def _identity(x):
@@ -57,8 +78,50 @@ def _vector(hf_name, path, shape) -> TensorMap:
     return TensorMap(hf_name, path, (size,), lambda b: b.reshape(shape), lambda b: b.reshape(size))
 
 
-def decoder_tensor_maps(config: DecoderConfig) -> list[TensorMap]:
-    """Every tensor of an HF checkpoint of ``config``, in the checkpoint's usual order."""
+def _moe_maps(config: DecoderConfig, hf: str, path: Path, layout: MoELayout) -> list[TensorMap]:
+    """A Mixtral MoE block's tensors (see the module docstring)."""
+    X, E, F = config.moe.num_experts, config.hidden_size, config.moe.intermediate_size
+    if layout == "fused":
+        return [
+            TensorMap(hf + "mlp.gate.weight", path + ("router",), (X, E), _t, _t),
+            TensorMap(
+                hf + "mlp.experts.gate_up_proj", path + ("gate",), (X, 2 * F, E),
+                lambda w: w[:, :F].transpose(0, 2, 1), None,
+            ),
+            TensorMap(
+                hf + "mlp.experts.gate_up_proj", path + ("up",), (X, 2 * F, E),
+                lambda w: w[:, F:].transpose(0, 2, 1), None,
+            ),
+            TensorMap(
+                hf + "mlp.experts.down_proj", path + ("down",), (X, E, F),
+                lambda w: w.transpose(0, 2, 1), None,
+            ),
+        ]  # fmt: skip
+    hf += "block_sparse_moe."
+    maps = [TensorMap(hf + "gate.weight", path + ("router",), (X, E), _t, _t)]
+    for m in range(X):
+        expert = f"{hf}experts.{m}."
+        maps += [
+            TensorMap(expert + "w1.weight", path + ("gate",), (F, E), _t, _t, m),
+            TensorMap(expert + "w2.weight", path + ("down",), (E, F), _t, _t, m),
+            TensorMap(expert + "w3.weight", path + ("up",), (F, E), _t, _t, m),
+        ]
+    return maps
+
+
+def _t(w):
+    return w.T
+
+
+def decoder_tensor_maps(
+    config: DecoderConfig, *, moe_layout: MoELayout = "experts"
+) -> list[TensorMap]:
+    """Every tensor of an HF checkpoint of ``config``, in the checkpoint's usual order.
+
+    ``moe_layout``: how MoE layers are stored: per-expert hub names
+    (``"experts"``, read and written) or transformers 5's fused tensors
+    (``"fused"``, read only).
+    """
     E, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     H, K, D = config.num_heads, config.num_kv_heads, config.head_dim
     maps = [
@@ -100,6 +163,9 @@ def decoder_tensor_maps(config: DecoderConfig) -> list[TensorMap]:
                 _identity,
             )
         )
+        if config.is_moe_layer(i):
+            maps += _moe_maps(config, hf, nnx + ("moe",), moe_layout)
+            continue
         for name, out_dim, in_dim in (("gate_proj", F, E), ("up_proj", F, E), ("down_proj", E, F)):
             maps.append(
                 _linear(

@@ -9,9 +9,12 @@ code. Reading and writing Hugging Face ``config.json`` lives in
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from jaxcombine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jaxcombine.moe.layer import MoEConfig
 
 RopeType = Literal["default", "linear", "llama3"]
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -46,6 +49,11 @@ class DecoderConfig:
     (Mistral on every layer; Qwen2 from ``max_window_layers`` on).
     ``dropout_rate`` is residual dropout after attention and MLP; it is used
     only when a dropout key is passed to the forward (MC dropout).
+
+    ``moe``: a sparse mixture-of-experts FFN (:class:`jaxcombine.moe.MoEConfig`)
+    replaces the dense MLP on every ``moe_layer_step``-th layer (layers
+    ``i`` with ``(i + 1) % moe_layer_step == 0``, Qwen2-MoE's
+    ``decoder_sparse_step``); HF ``mixtral`` is ``moe_layer_step=1``.
     """
 
     vocab_size: int
@@ -70,6 +78,8 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    moe: MoEConfig | None = None
+    moe_layer_step: int = 1
 
     def __post_init__(self):
         positive = (
@@ -126,6 +136,42 @@ class DecoderConfig:
                     where="config key 'sliding_window'",
                     fix="set sliding_window to the window length in tokens",
                 )
+
+        if self.moe is not None:
+            if self.moe.hidden_size != self.hidden_size:
+                raise ConfigError(
+                    f"the MoE layer's hidden_size {self.moe.hidden_size} differs from the "
+                    f"decoder's {self.hidden_size}",
+                    where="DecoderConfig.moe.hidden_size",
+                    fix="build the MoEConfig with the decoder's hidden_size",
+                )
+            if not isinstance(self.moe_layer_step, int) or self.moe_layer_step < 1:
+                raise ConfigError(
+                    f"moe_layer_step must be a positive integer, got {self.moe_layer_step!r}",
+                    where="DecoderConfig.moe_layer_step",
+                    fix="1 puts an MoE FFN on every layer, 2 on every second layer, ...",
+                )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s FFN is the sparse MoE (else the dense MLP)."""
+        return self.moe is not None and (layer + 1) % self.moe_layer_step == 0
+
+    @property
+    def has_mixtral_moe(self) -> bool:
+        """MoE layers as HF Mixtral computes them: on every layer, dropless top-k token
+        choice with renormalised weights, gated experts with the decoder's activation,
+        no attention biases."""
+        moe = self.moe
+        return (
+            moe is not None
+            and self.moe_layer_step == 1
+            and moe.routing == "token_choice"
+            and moe.capacity_factor is None
+            and moe.renormalize
+            and moe.gated
+            and moe.activation == self.hidden_act
+            and not (self.qkv_bias or self.o_bias or self.mlp_bias)
+        )
 
     @property
     def num_groups(self) -> int:

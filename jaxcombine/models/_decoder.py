@@ -9,6 +9,10 @@ Every block is pre-norm:
     h = x + Attention(RMSNorm(x))          # RoPE on q and k, GQA, causal mask
     y = h + W_down(silu(W_gate RMSNorm(h)) * W_up RMSNorm(h))
 
+or, on the layers ``config.is_moe_layer`` picks (Mixtral: all of them),
+``y = h + SparseMoE(RMSNorm(h))`` (:mod:`jaxcombine.moe`), whose router
+losses and statistics come back in ``DecoderOutput.moe_aux``.
+
 and logits = RMSNorm(y_L) @ W_vocab (the embedding matrix when tied).
 Parameters carry logical axis names (``vocab``, ``embed``, ``heads``,
 ``kv_heads``, ``head_dim``, ``mlp``) in their ``out_sharding`` metadata; a job
@@ -31,6 +35,7 @@ from flax import nnx
 from jaxcombine.models._config import DecoderConfig
 from jaxcombine.models._layers import Dense, Embedding, RMSNorm, activation, dropout
 from jaxcombine.models._rope import apply_rope, inverse_frequencies
+from jaxcombine.moe.layer import MoEAux, SparseMoE
 
 
 class KVCache(NamedTuple):
@@ -67,6 +72,7 @@ class DecoderOutput(NamedTuple):
     logits: jax.Array  # [B, T, V]
     hidden: jax.Array  # [B, T, E], after the final norm
     cache: KVCache | None
+    moe_aux: MoEAux | None = None  # per MoE layer, stacked on a leading axis
 
 
 class Attention(nnx.Module):
@@ -128,7 +134,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: DecoderConfig, *, dtype, rngs: nnx.Rngs):
+    """Attention then a feed-forward: the dense ``mlp`` or, on MoE layers, ``moe``."""
+
+    def __init__(self, config: DecoderConfig, *, moe: bool = False, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs
         )
@@ -136,13 +144,19 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs
         )
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp = None if moe else MLP(config, dtype=dtype, rngs=rngs)
+        self.moe = SparseMoE(config.moe, dtype=dtype, rngs=rngs) if moe else None
 
-    def __call__(self, x, positions, mask, cache_kv, start, dropout):
+    def __call__(self, x, positions, mask, cache_kv, start, dropout, deterministic=True):
+        """Returns (y, (k, v), the MoE layer's aux or None)."""
         attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, start)
         x = x + dropout(attn)
-        x = x + dropout(self.mlp(self.post_attention_layernorm(x)))
-        return x, kv
+        h = self.post_attention_layernorm(x)
+        if self.moe is None:
+            ffn, aux = self.mlp(h), None
+        else:
+            ffn, aux = self.moe(h, deterministic=deterministic)
+        return x + dropout(ffn), kv, aux
 
 
 class Decoder(nnx.Module):
@@ -161,7 +175,10 @@ class Decoder(nnx.Module):
         E, V = config.hidden_size, config.vocab_size
         self.embed_tokens = Embedding(V, E, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+            [
+                DecoderLayer(config, moe=config.is_moe_layer(i), dtype=dtype, rngs=rngs)
+                for i in range(config.num_layers)
+            ]
         )
         self.norm = RMSNorm(E, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.lm_head = (
@@ -178,6 +195,7 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
         last_only: bool = False,
+        deterministic: bool = True,
     ) -> DecoderOutput:
         """Run ``tokens`` [B, T] through the model.
 
@@ -191,6 +209,7 @@ class Decoder(nnx.Module):
             deterministic.
           last_only: return logits and hidden states of the last position
             only ([B, 1, ...]), as a decoder's prefill needs.
+          deterministic: False turns on MoE router jitter (training).
         """
         config = self.config
         B, T = tokens.shape
@@ -221,14 +240,17 @@ class Decoder(nnx.Module):
 
         dropout = _dropout_fn(config.dropout_rate, dropout_key, 2 * config.num_layers)
         x = self.embed_tokens(tokens)  # [B, T, E]
-        new_keys, new_values = [], []
+        new_keys, new_values, moe_aux = [], [], []
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(
-                x, positions, mask_for(config.window_of_layer(i)), cache_kv, start, dropout
-            )
+            x, (k, v), aux = layer(
+                x, positions, mask_for(config.window_of_layer(i)), cache_kv, start, dropout,
+                deterministic,
+            )  # fmt: skip
             new_keys.append(k)
             new_values.append(v)
+            if aux is not None:
+                moe_aux.append(aux)
         hidden = self.norm(x[:, -1:] if last_only else x)
         if self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", hidden, self.embed_tokens.embedding[...])
@@ -243,7 +265,8 @@ class Decoder(nnx.Module):
                 next_index=start + T,
                 next_position=cache.next_position + token_mask.sum(axis=1, dtype=jnp.int32),
             )
-        return DecoderOutput(logits=logits, hidden=hidden, cache=new_cache)
+        stacked_aux = jax.tree.map(lambda *a: jnp.stack(a), *moe_aux) if moe_aux else None
+        return DecoderOutput(logits=logits, hidden=hidden, cache=new_cache, moe_aux=stacked_aux)
 
 
 def _dropout_fn(rate: float, key: jax.Array | None, count: int):
