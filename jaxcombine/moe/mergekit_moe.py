@@ -350,10 +350,10 @@ class MoEPlan:
         for m, (e, (pos, neg)) in enumerate(zip(config.experts, self.prompt_ids, strict=True)):
             scales = (("noise_scale", e.noise_scale), ("residual_scale", e.residual_scale))
             extra = "".join(f", {k} {v:g}" for k, v in scales if v is not None)
-            lines.append(
-                f"expert {m}: {e.source_model} ({len(pos)} positive, {len(neg)} negative "
-                f"prompts{extra})"
-            )
+            prompts = f"{len(pos)} positive, {len(neg)} negative prompts"
+            if config.gate_mode not in PROMPT_MODES:
+                prompts = f"{config.gate_mode} router rows"
+            lines.append(f"expert {m}: {e.source_model} ({prompts}{extra})")
         lines.append("")
         width = max(len(t.name) for t in self.tensors)
         for t in self.tensors:
