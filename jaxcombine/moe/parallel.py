@@ -55,7 +55,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +63,11 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxcombine.errors import ConfigError, InputError
-from jaxcombine.models._layers import activation
-from jaxcombine.moe import routing as R
-from jaxcombine.moe.layer import MoEAux, MoEConfig, SparseMoE
+from jaxcombine.moe import layer as moe_layer  # attributes used at call time only:
+from jaxcombine.moe import routing as R  # layer.py may import expert_ffn from here
+
+if TYPE_CHECKING:
+    from jaxcombine.moe.layer import MoEAux, MoEConfig, SparseMoE
 
 Exchange = Literal["auto", "ragged", "dense"]
 
@@ -93,7 +95,7 @@ def expert_ffn(weights: ExpertWeights, inputs: jax.Array, activation_name: str) 
     ``down(act(gate x) * up x)`` (SwiGLU, Mixtral), or ``down(act(up x))``
     when ``weights.gate`` is None (Switch).
     """
-    act = activation(activation_name)
+    act = _activation(activation_name)
     up = jnp.einsum("...ecd,edf->...ecf", inputs, weights.up)
     if weights.gate is None:
         hidden = act(up)
@@ -108,13 +110,19 @@ def grouped_expert_ffn(
     """:func:`expert_ffn` on rows sorted by expert: ``rows`` [M, D], the first
     ``group_sizes[0]`` for expert 0, the next for expert 1, ...; rows past
     ``sum(group_sizes)`` give 0. Grouped matmuls (:func:`jax.lax.ragged_dot`)."""
-    act = activation(activation_name)
+    act = _activation(activation_name)
     up = jax.lax.ragged_dot(rows, weights.up, group_sizes)
     if weights.gate is None:
         hidden = act(up)
     else:
         hidden = act(jax.lax.ragged_dot(rows, weights.gate, group_sizes)) * up
     return jax.lax.ragged_dot(hidden, weights.down, group_sizes)
+
+
+def _activation(name: str):
+    from jaxcombine.models._layers import activation  # models imports moe: not at import time
+
+    return activation(name)
 
 
 def expert_parallel(
@@ -248,7 +256,8 @@ def _plan(
             S, E, config.num_experts_per_token, config.capacity_factor,
             rounding=config.capacity_rounding, multiple_of=config.capacity_multiple_of,
         )  # fmt: skip
-    platform = mesh.devices.flat[0].platform
+    mesh_devices = getattr(mesh, "devices", None)  # None: an AbstractMesh
+    platform = jax.default_backend() if mesh_devices is None else mesh_devices.flat[0].platform
     ragged = exchange == "ragged" or (exchange == "auto" and platform != "cpu")
     return _Plan(G, S, capacity, token_axes, expert_axis, n, ragged)
 
@@ -264,7 +273,7 @@ def _route(plan: _Plan, config: MoEConfig, router, routed):
         renormalize=config.renormalize, priority=config.priority,
     )  # fmt: skip
     stats = R.router_stats(probs, routing)
-    aux = MoEAux(
+    aux = moe_layer.MoEAux(
         R.load_balancing_loss(probs, routing.experts),
         R.router_z_loss(logits),
         stats["load"],
