@@ -433,3 +433,18 @@ def test_example_configs_plan(path, tmp_path):
     plan = plan_moe(load_moe_config(copy))
     assert plan.describe() and len(plan.tensors) > 0
     plan.close()
+
+
+def test_jaxcombine_loads_the_output_like_transformers_loads_the_golden(outputs):
+    """jaxcombine's own Mixtral decoder runs our directory as transformers runs mergekit's."""
+    import jax.numpy as jnp
+
+    from jaxcombine.hf import load_model
+
+    ids = [[1, 12, 8, 9, 30, 31, 5, 40]]
+    model = load_model(outputs["cheap_embed"], dtype=jnp.float32)
+    got = np.asarray(model(jnp.asarray(ids)).logits)
+    golden = AutoModelForCausalLM.from_pretrained(str(HERE / "cheap_embed"), dtype=torch.float32)
+    with torch.no_grad():
+        want = golden.eval()(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
