@@ -437,13 +437,16 @@ def test_example_configs_plan(path, tmp_path):
 
 def test_jaxcombine_loads_the_output_like_transformers_loads_the_golden(outputs):
     """jaxcombine's own Mixtral decoder runs our directory as transformers runs mergekit's."""
+    import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from jaxcombine.hf import load_model
 
     ids = [[1, 12, 8, 9, 30, 31, 5, 40]]
-    model = load_model(outputs["cheap_embed"], dtype=jnp.float32)
-    got = np.asarray(model(jnp.asarray(ids)).logits)
+    graphdef, params = nnx.split(load_model(outputs["cheap_embed"], dtype=jnp.float32))
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)
+    got = np.asarray(forward(params, jnp.asarray(ids)))
     golden = AutoModelForCausalLM.from_pretrained(str(HERE / "cheap_embed"), dtype=torch.float32)
     with torch.no_grad():
         want = golden.eval()(torch.tensor(ids)).logits.numpy()
