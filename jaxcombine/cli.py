@@ -6,6 +6,8 @@
     jaxcombine merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
             [--dry-run] [--overwrite] [--quiet] [--json]
     jaxcombine extract-lora --model DIR --base DIR --out DIR --max-rank R [--overwrite]
+    jaxcombine moe CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
+            [--dry-run] [--overwrite] [--quiet] [--json]
 
 ``--prompt`` and ``--prompt-ids`` may be repeated: the prompts are decoded as
 one left-padded batch. Errors print one message (what, where, how to fix) and
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 # Commands that never run multi-process: after them the interpreter is not torn
 # down (module teardown and XLA's client take about 0.35 s on 2 cores after a
 # merge). Every output file is closed and renamed before ``main`` returns.
-_FAST_EXIT = ("merge", "extract-lora")
+_FAST_EXIT = ("merge", "extract-lora", "moe")
 
 
 def entry() -> None:
