@@ -186,6 +186,11 @@ def test_from_a_module_call_in_a_training_step():
         np.testing.assert_allclose(a, b, atol=ATOL)
     _, old = nnx.split(block)
     assert not np.allclose(jax.tree.leaves(new)[-1], jax.tree.leaves(old)[-1])
+    y, aux = block(x)  # eagerly
+    graphdef, state = nnx.split(block)
+    r_y, r_aux = jax.jit(lambda state, x: unsharded(nnx.merge(graphdef, state), x))(state, x)
+    np.testing.assert_allclose(y, r_y, atol=ATOL)
+    np.testing.assert_allclose(aux.dropped, r_aux.dropped, atol=ATOL)
 
 
 # ---- the ragged exchange ---------------------------------------------------------------

@@ -63,8 +63,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxcombine.errors import ConfigError, InputError
-from jaxcombine.moe import layer as moe_layer  # attributes used at call time only:
-from jaxcombine.moe import routing as R  # layer.py may import expert_ffn from here
+from jaxcombine.moe import layer as moe_layer  # read at call time: layer may import this module
+from jaxcombine.moe import routing as R
 
 if TYPE_CHECKING:
     from jaxcombine.moe.layer import MoEAux, MoEConfig, SparseMoE
@@ -141,10 +141,13 @@ def expert_parallel(
 
     Works eagerly, under :func:`jax.jit` and :func:`jax.grad` (of the layer's
     state through ``nnx.split``/``nnx.merge``, or :func:`nnx.grad`), and from a
-    module's ``__call__``. ``exchange`` (dropless routing only): "ragged"
+    module's ``__call__``. Router jitter (``deterministic=False``) draws the
+    same noise as the layer and, as for the layer, needs :func:`nnx.grad`
+    (its RNG count is updated inside the gradient's trace).
+
+    ``exchange`` (dropless routing only): "ragged"
     (:func:`jax.lax.ragged_all_to_all`, GPU/TPU), "dense"
     (:func:`dense_ragged_all_to_all`, any backend) or "auto" (dense on CPU).
-    Router jitter (``deterministic=False``) draws the same noise as the layer.
 
     Raises :class:`ConfigError` before any tracing when the mesh axes are
     missing, ``num_experts`` is not a multiple of the expert-axis size, or
