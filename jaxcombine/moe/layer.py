@@ -11,6 +11,23 @@ E experts, C capacity, K experts per token, D model width, F expert width.
     outputs = expert_e(inputs[:, e])  for every e       # batched over E
     y       = combine(outputs, routing)                 # [G, S, D]
 
+Dropless (``capacity_factor=None``; MegaBlocks, arXiv:2211.15841): the N * K
+choices of all N = G * S tokens are sorted by expert (``sort_by_expert``),
+each expert multiplies its own contiguous rows (a grouped matmul), and the
+rows are unsorted and summed over K with the combine weights::
+
+    rows  = permute(x, sort_by_expert(experts))         # [P, D], P >= N * K
+    h     = act(gmm(rows, W_gate)) * gmm(rows, W_up)    # [P, F]
+    y     = unsort(gmm(h, W_down), weights)             # [N, D]
+
+with ``gmm(x, W)[r] = x[r] @ W[e(r)]``, e(r) the expert owning row r. On GPU
+and TPU gmm is ``jax.lax.ragged_dot`` (rows unpadded); XLA:CPU computes
+ragged_dot densely (E times the work), so on CPU gmm is
+:func:`blocked_matmul`, a loop over blocks of ``CPU_BLOCK`` rows (groups
+padded to whole blocks) that stops at the last used block. The choice is made
+by ``jax.lax.platform_dependent`` when the function is lowered. Both are exact
+(equal to a dense loop over experts) and differentiable.
+
 An expert is SwiGLU, ``down(act(gate x) * up x)`` (Mixtral), or with
 ``gated=False`` ``down(act(up x))`` (Switch: ReLU). Parameters carry logical
 axes (``expert``, ``embed``, ``mlp``) for :func:`jaxcombine.sharding.shard_model`.
@@ -20,7 +37,9 @@ router z-loss and routing statistics for the caller to weigh and log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, NamedTuple
 
 import jax
@@ -28,9 +47,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcombine.errors import ConfigError
-from jaxcombine.models._config import ACTIVATIONS
-from jaxcombine.models._layers import activation, param
 from jaxcombine.moe import routing as R
+
+# Rows per block of the CPU grouped matmul (measured with bench/moe.py: 128
+# to 512 are within noise at D = 512, F = 2048; smaller blocks waste fewer
+# padding rows, at most E * (CPU_BLOCK - 1)).
+CPU_BLOCK = 256
+
+
+# jaxcombine.models imports this module (Mixtral layers), so its helpers are
+# imported when used, not at import time (no import cycle).
+def _activation(name: str):
+    from jaxcombine.models._layers import activation
+
+    return activation(name)
+
+
+def _param(*args):
+    from jaxcombine.models._layers import param
+
+    return param(*args)
+
+
+def _activation_names():
+    from jaxcombine.models._config import ACTIVATIONS
+
+    return ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -76,11 +118,11 @@ class MoEConfig:
                 where="MoEConfig.capacity_factor",
                 fix="set capacity_factor (each expert takes factor * S * K / E tokens)",
             )
-        if self.activation not in ACTIVATIONS:
+        if self.activation not in _activation_names():
             raise ConfigError(
                 f"unknown activation {self.activation!r}",
                 where="MoEConfig.activation",
-                fix=f"use one of {', '.join(ACTIVATIONS)} (HF's hidden_act names)",
+                fix=f"use one of {', '.join(_activation_names())} (HF's hidden_act names)",
             )
 
 
@@ -100,17 +142,17 @@ class SparseMoE(nnx.Module):
     def __init__(self, config: MoEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         E, D, F = config.num_experts, config.hidden_size, config.intermediate_size
         self.config = config
-        self.router = param(rngs, (D, E), ("embed", None), dtype)
-        self.up = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dtype)
+        self.router = _param(rngs, (D, E), ("embed", None), dtype)
+        self.up = _param(rngs, (E, D, F), ("expert", "embed", "mlp"), dtype)
         self.gate = (
-            param(rngs, (E, D, F), ("expert", "embed", "mlp"), dtype) if config.gated else None
+            _param(rngs, (E, D, F), ("expert", "embed", "mlp"), dtype) if config.gated else None
         )
-        self.down = param(rngs, (E, F, D), ("expert", "mlp", "embed"), dtype)
+        self.down = _param(rngs, (E, F, D), ("expert", "mlp", "embed"), dtype)
         self.rngs = rngs if config.router_jitter > 0 else None
 
     def experts(self, inputs: jax.Array) -> jax.Array:
         """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D]."""
-        act = activation(self.config.activation)
+        act = _activation(self.config.activation)
         up = jnp.einsum("...ecd,edf->...ecf", inputs, self.up[...])
         if self.gate is None:
             hidden = act(up)
@@ -146,7 +188,10 @@ class SparseMoE(nnx.Module):
                 probs, K, capacity=capacity, renormalize=config.renormalize,
                 priority=config.priority,
             )  # fmt: skip
-            y = R.combine(self.experts(R.dispatch(groups, routing, E)), routing)
+            if capacity is None:
+                y = self._dropless(groups, routing)
+            else:
+                y = R.combine(self.experts(R.dispatch(groups, routing, E)), routing)
             balance, stats = (
                 R.load_balancing_loss(probs, routing.experts),
                 R.router_stats(probs, routing),
@@ -155,6 +200,24 @@ class SparseMoE(nnx.Module):
             balance, R.router_z_loss(logits), stats["load"], stats["dropped"], stats["entropy"]
         )
         return y.reshape(B, T, D).astype(x.dtype), aux
+
+    def _dropless(self, groups: jax.Array, routing: R.Routing) -> jax.Array:
+        """Every choice computed (no capacity): :func:`dropless_experts` over all tokens."""
+        G, S, D = groups.shape
+        weights = (self.up[...], None if self.gate is None else self.gate[...], self.down[...])
+        act = _activation(self.config.activation)
+        tokens, experts = groups.reshape(G * S, D), routing.experts.reshape(G * S, -1)
+        combine = routing.weights.reshape(G * S, -1)
+
+        def run(block: int, matmul: GroupedMatmul):
+            return partial(dropless_experts, block=block, matmul=matmul, activation=act)
+
+        y = jax.lax.platform_dependent(
+            tokens, experts, combine, *weights,
+            cpu=run(CPU_BLOCK, partial(blocked_matmul, block=CPU_BLOCK)),
+            default=run(1, ragged_matmul),
+        )  # fmt: skip
+        return y.reshape(G, S, D)
 
     def _capacity(self, group_size: int) -> int:
         c = self.config
@@ -175,3 +238,118 @@ def _groups(x: jax.Array, group_size: int | None) -> jax.Array:
             fix="choose a group size that divides batch x length, or None (one group per row)",
         )
     return x.reshape(-1, group_size, D)
+
+
+# ---- dropless: grouped matmuls over expert-sorted rows -------------------------------
+
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def dropless_experts(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    up: jax.Array,
+    gate: jax.Array | None,
+    down: jax.Array,
+    *,
+    activation: Callable[[jax.Array], jax.Array],
+    matmul: GroupedMatmul,
+    block: int = 1,
+) -> jax.Array:
+    """Dropless MoE feed-forward of tokens ``x`` [N, D] (MegaBlocks).
+
+    ``experts``, ``weights`` [N, K]: each token's chosen experts and combine
+    weights; ``up``, ``gate`` [E, D, F] (``gate`` None: ungated), ``down``
+    [E, F, D]. ``y[n] = sum_k weights[n, k] * expert_{experts[n, k]}(x[n])``,
+    computed on the choices sorted by expert (:func:`~.routing.sort_by_expert`
+    with ``block``) with ``matmul(rows [P, A], w [E, A, B], group_sizes [E])
+    -> [P, B]`` (:func:`ragged_matmul`, or :func:`blocked_matmul` with the
+    same ``block``).
+    """
+    N, D = x.shape
+    layout = R.sort_by_expert(experts[None], up.shape[0], block=block)
+    sizes = layout.group_sizes[0]
+    rows = R.permute(x[None], layout)[0]  # [P, D]
+    if gate is None:
+        hidden = activation(matmul(rows, up, sizes))
+    else:
+        hidden = activation(matmul(rows, gate, sizes)) * matmul(rows, up, sizes)
+    out = matmul(hidden, down, sizes)  # [P, D]
+    return R.unsort(out[None], weights[None], layout)[0]
+
+
+def ragged_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``x[r] @ w[e(r)]`` by ``jax.lax.ragged_dot`` (GPU/TPU kernels; dense on CPU).
+    Rows past ``sum(group_sizes)`` are 0."""
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def blocked_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block: int) -> jax.Array:
+    """Grouped matmul ``out[r] = x[r] @ w[e(r)]`` as a loop over blocks of rows.
+
+    ``x`` [P, A] with P a multiple of ``block``, ``w`` [E, A, B],
+    ``group_sizes`` [E] multiples of ``block`` (:func:`~.routing.sort_by_expert`
+    with the same block), so block i belongs to one expert e_i. The loop runs
+    over the ``sum(group_sizes) / block`` used blocks only (a ``while`` with
+    a traced bound: rows past them are 0), so the work is that of the routed
+    rows plus the padding, not E times it. Gradients (MegaBlocks' gmm / tgmm):
+    ``dx[r] = dout[r] @ w[e(r)]^T`` by the same loop, and
+    ``dw[e] = sum_{blocks i of e} x_i^T dout_i``, accumulated in place.
+    """
+    return _blocked(x, w, group_sizes, block, transpose=False)
+
+
+def _block_experts(group_sizes, num_blocks: int, block: int):
+    ends = jnp.cumsum(group_sizes)
+    starts = jnp.arange(num_blocks, dtype=ends.dtype) * block
+    which = jnp.searchsorted(ends, starts, side="right")
+    return jnp.minimum(which, group_sizes.shape[0] - 1), ends[-1] // block
+
+
+def _blocked(x, w, group_sizes, block, *, transpose: bool):
+    P = x.shape[0]
+    if P % block:
+        raise ConfigError(
+            f"blocked_matmul needs a row count that is a multiple of block={block}, got {P}",
+            where="blocked_matmul",
+            fix="lay the rows out with routing.sort_by_expert(..., block=block)",
+        )
+    owner, used = _block_experts(group_sizes, P // block, block)
+    contract = ((1,), (1,) if transpose else (0,))  # x_i [b, A] . w_e [A, B] (or [B, A])
+    out_dim = w.shape[1] if transpose else w.shape[2]
+    dtype = jnp.result_type(x.dtype, w.dtype)
+
+    def body(i, out):
+        rows = jax.lax.dynamic_slice_in_dim(x, i * block, block)
+        w_e = jax.lax.dynamic_index_in_dim(w, owner[i], keepdims=False)
+        y = jax.lax.dot_general(rows, w_e, (contract, ((), ())))
+        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(dtype), i * block, axis=0)
+
+    return jax.lax.fori_loop(0, used, body, jnp.zeros((P, out_dim), dtype))
+
+
+def _blocked_fwd(x, w, group_sizes, block):
+    return blocked_matmul(x, w, group_sizes, block), (x, w, group_sizes)
+
+
+def _blocked_bwd(block, residuals, dout):
+    x, w, group_sizes = residuals
+    dx = _blocked(dout, w, group_sizes, block, transpose=True)
+    owner, used = _block_experts(group_sizes, x.shape[0] // block, block)
+    acc = jnp.promote_types(w.dtype, jnp.float32)
+
+    def body(i, dw):
+        rows = jax.lax.dynamic_slice_in_dim(x, i * block, block)
+        grads = jax.lax.dynamic_slice_in_dim(dout, i * block, block)
+        e = owner[i]
+        update = jax.lax.dot_general(rows, grads, (((0,), (0,)), ((), ())))  # [A, B]
+        old = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(dw, old + update.astype(acc), e, axis=0)
+
+    dw = jax.lax.fori_loop(0, used, body, jnp.zeros(w.shape, acc))
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)

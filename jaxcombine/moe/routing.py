@@ -37,6 +37,27 @@ a gather back and a weighted sum over K): no ``[G, S, E, C]`` one-hot tensor
 is built, unlike flaxformer's and V-MoE's einsum dispatch (kept in the tests
 as the slow reference).
 
+Both directions are gathers, forward and backward. A :class:`Layout` keeps
+the map from rows of the experts' buffer ``[G, P, D]`` to token choices
+(``rows``) and its inverse (``position``); the gradient of a gather by one
+map is the gather by the other (plus a sum over K), so no scatter-add runs
+in the backward pass (:func:`permute`, :func:`unsort`). With a capacity the
+buffer is ``E * C`` rows, expert e owning rows ``[e C, (e + 1) C)``.
+
+Dropless (MegaBlocks, Gale et al. 2022, arXiv:2211.15841): no capacity, so
+every choice is computed and none is padded to a worst case. The N * K
+choices are flattened, stably sorted by expert (:func:`sort_by_expert`), and
+each expert's rows are contiguous, ``group_sizes[e]`` of them; the experts
+then run as grouped matmuls (``jax.lax.ragged_dot``), and the outputs are
+unsorted and summed over K with the combine weights. With ``block=b`` each
+group is padded to a multiple of b rows (zero rows), so every b-row block
+belongs to one expert; the buffer then has a static bound of
+``b * floor((N K + E (b - 1)) / b)`` rows. In the example above, dropless,
+sorted rows (block 1) are::
+
+    e0: t1.1 | e1: t0.0 t1.0 t2.0 | e2: t0.1 t2.1 t3.0 | e3: t3.1
+    group_sizes = [1, 3, 3, 1]
+
 Expert choice (Zhou et al. 2022, arXiv:2202.09368): each expert takes the C
 tokens of its group with the highest router probability; a token may get
 zero or several experts. It looks at the whole group, future tokens
@@ -185,29 +206,152 @@ def token_choice(
     return Routing(experts, weights, slots, capacity)
 
 
+class Layout(NamedTuple):
+    """Where token choices sit in the experts' row buffer ``[G, P, D]``.
+
+    ``rows`` [G, P]: the choice ``s * K + k`` held by each row, ``S * K`` for
+    an empty row; ``position`` [G, S, K]: the row of each choice, ``P`` for a
+    dropped one; ``group_sizes`` [G, E]: rows per expert, experts in order
+    (contiguous). ``rows`` and ``position`` are inverse maps on the kept choices.
+    """
+
+    rows: jax.Array
+    position: jax.Array
+    group_sizes: jax.Array
+
+
+def capacity_layout(routing: Routing, num_experts: int) -> Layout:
+    """The ``[G, E * C]`` buffer of a capacity: choice (s, k) at row ``e * C + slot``."""
+    G, S, K = routing.experts.shape
+    C = routing.capacity
+    kept = routing.slots < C
+    position = jnp.where(kept, routing.experts * C + routing.slots, num_experts * C)
+    rows = _invert(position.reshape(G, S * K), num_experts * C)
+    sizes = jnp.full((G, num_experts), C, jnp.int32)
+    return Layout(rows, position.astype(jnp.int32), sizes)
+
+
+def sorted_rows(num_choices: int, num_experts: int, block: int = 1) -> int:
+    """Static row count of :func:`sort_by_expert`'s buffer: the most that
+    ``sum_e ceil(n_e / b) * b`` can be when ``sum_e n_e = num_choices``."""
+    if block == 1:
+        return num_choices
+    return block * ((num_choices + num_experts * (block - 1)) // block)
+
+
+def sort_by_expert(experts: jax.Array, num_experts: int, *, block: int = 1) -> Layout:
+    """Dropless layout: every choice of ``experts`` [G, S, K], grouped by expert.
+
+    The S * K choices (flattened s-major, ``s * K + k``) are sorted by expert
+    with a stable argsort, so rows of one expert keep token order; expert e
+    holds ``n_e`` choices, padded with empty rows to ``ceil(n_e / b) * b``
+    (``block`` b; 1: no padding, the layout of ``jax.lax.ragged_dot``).
+    Padded groups start at ``sum_{e' < e} ceil(n_e' / b) * b``; the buffer has
+    :func:`sorted_rows` rows, the unused tail empty. No choice is dropped.
+    """
+    G, S, K = experts.shape
+    if block < 1:
+        raise ConfigError(f"block must be >= 1, got {block}", where="block", fix="use e.g. 128")
+    flat = experts.reshape(G, S * K).astype(jnp.int32)
+    order = jnp.argsort(flat, axis=-1, stable=True)  # sorted place -> choice
+    counts = jnp.sum(jax.nn.one_hot(flat, num_experts, dtype=jnp.int32), axis=1)  # [G, E]
+    sizes = -(-counts // block) * block
+    shift = (jnp.cumsum(sizes, axis=-1) - sizes) - (jnp.cumsum(counts, axis=-1) - counts)
+    expert_sorted = jnp.take_along_axis(flat, order, axis=-1)
+    row = jnp.arange(S * K, dtype=jnp.int32) + jnp.take_along_axis(shift, expert_sorted, axis=-1)
+    P = sorted_rows(S * K, num_experts, block)
+    g = jnp.arange(G)[:, None]
+    rows = jnp.full((G, P), S * K, jnp.int32).at[g, row].set(order.astype(jnp.int32))
+    position = jnp.zeros((G, S * K), jnp.int32).at[g, order].set(row)
+    return Layout(rows, position.reshape(G, S, K), sizes.astype(jnp.int32))
+
+
+def _invert(position: jax.Array, num_rows: int) -> jax.Array:
+    """``rows`` [G, P] from ``position`` [G, M] (entries >= P: dropped; empty rows get M)."""
+    G, M = position.shape
+    g = jnp.arange(G)[:, None]
+    choice = jnp.broadcast_to(jnp.arange(M, dtype=jnp.int32), (G, M))
+    return jnp.full((G, num_rows), M, jnp.int32).at[g, position].set(choice, mode="drop")
+
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[g, index[g, i]]`` for x [G, R, D], index [G, M]; out of range -> 0."""
+    return jnp.take_along_axis(x, index[..., None], axis=1, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def permute(x: jax.Array, layout: Layout) -> jax.Array:
+    """Experts' row buffer ``[G, P, D]`` from tokens ``x`` [G, S, D]:
+    ``out[g, r] = x[g, rows[g, r] // K]``, zero for empty rows.
+
+    Gradient: ``dx[g, s] = sum_k dout[g, position[g, s, k]]``, a gather (no
+    scatter-add) since each kept choice has exactly one row.
+    """
+    K = layout.position.shape[-1]
+    return _take(x, layout.rows // K)
+
+
+def _permute_fwd(x, layout):
+    return permute(x, layout), layout
+
+
+def _permute_bwd(layout, dout):
+    G, S, K = layout.position.shape
+    picked = _take(dout, layout.position.reshape(G, S * K)).reshape(G, S, K, -1)
+    return jnp.sum(picked, axis=2), None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@jax.custom_vjp
+def unsort(out: jax.Array, weights: jax.Array, layout: Layout) -> jax.Array:
+    """Token outputs [G, S, D] from the experts' rows ``out`` [G, P, D]:
+    ``y[g, s] = sum_k weights[g, s, k] * out[g, position[g, s, k]]`` (a dropped
+    choice contributes 0).
+
+    Gradients, all gathers: ``dout[g, r] = w[c] * dy[g, c // K]`` with
+    ``c = rows[g, r]`` (0 for empty rows), and
+    ``dweights[g, s, k] = <dy[g, s], out[g, position[g, s, k]]>``.
+    """
+    return _unsort(out, weights, layout)[0]
+
+
+def _unsort(out, weights, layout):
+    G, S, K = layout.position.shape
+    picked = _take(out, layout.position.reshape(G, S * K)).reshape(G, S, K, -1)
+    return jnp.einsum("gsk,gskd->gsd", weights.astype(out.dtype), picked), picked
+
+
+def _unsort_fwd(out, weights, layout):
+    return unsort(out, weights, layout), (out, weights, layout)
+
+
+def _unsort_bwd(residuals, dy):
+    out, weights, layout = residuals
+    G, S, K = layout.position.shape
+    _, picked = _unsort(out, weights, layout)
+    dweights = jnp.einsum("gsd,gskd->gsk", dy.astype(jnp.float32), picked.astype(jnp.float32))
+    w = _take(weights.reshape(G, S * K, 1), layout.rows)[..., 0]  # [G, P], 0 for empty rows
+    dout = _take(dy, layout.rows // K) * w[..., None].astype(dy.dtype)
+    return dout.astype(out.dtype), dweights.astype(weights.dtype), None
+
+
+unsort.defvjp(_unsort_fwd, _unsort_bwd)
+
+
 def dispatch(x: jax.Array, routing: Routing, num_experts: int) -> jax.Array:
     """Expert inputs ``[G, E, C, D]`` gathered from tokens ``x`` [G, S, D] (empty slots 0)."""
     G, S, D = x.shape
-    C = routing.capacity
-    token = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], routing.slots.shape)
-    owner = jnp.full((G, num_experts, C + 1), S, jnp.int32)  # slot -> token (S: empty)
-    g = jnp.arange(G)[:, None, None]
-    owner = owner.at[g, routing.experts, routing.slots].set(token, mode="drop")[:, :, :C]
-    padded = jnp.concatenate([x, jnp.zeros((G, 1, D), x.dtype)], axis=1)
-    return jnp.take_along_axis(padded, owner.reshape(G, -1)[..., None], axis=1).reshape(
-        G, num_experts, C, D
-    )
+    inputs = permute(x, capacity_layout(routing, num_experts))
+    return inputs.reshape(G, num_experts, routing.capacity, D)
 
 
 def combine(expert_out: jax.Array, routing: Routing) -> jax.Array:
     """Token outputs [G, S, D]: sum over K of weight x the expert's output at its slot."""
     G, E, C, D = expert_out.shape
-    padded = jnp.concatenate([expert_out, jnp.zeros((G, E, 1, D), expert_out.dtype)], axis=2)
-    flat = routing.experts * (C + 1) + routing.slots  # [G, S, K] into [E * (C + 1)]
-    S, K = flat.shape[1:]
-    picked = jnp.take_along_axis(padded.reshape(G, -1, D), flat.reshape(G, -1)[..., None], axis=1)
-    picked = picked.reshape(G, S, K, D)
-    return jnp.einsum("gsk,gskd->gsd", routing.weights.astype(picked.dtype), picked)
+    layout = capacity_layout(routing, E)
+    return unsort(expert_out.reshape(G, E * C, D), routing.weights, layout)
 
 
 class ExpertChoice(NamedTuple):
