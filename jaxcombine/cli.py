@@ -144,7 +144,7 @@ def cmd_merge(args) -> dict:
 
 
 def cmd_moe(args) -> dict:
-    from jaxcombine.moe.mergekit_moe import load_moe_config, plan_moe, run_moe
+    from jaxcombine.moe.mergekit import load_moe_config, plan_moe, run_moe
 
     config = load_moe_config(args.config)
     plan = plan_moe(config, allow_all_same=args.i_understand_this_is_not_useful_without_training)

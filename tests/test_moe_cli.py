@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from jaxcombine import cli
 from jaxcombine.hf import SafetensorsCheckpoint
-from jaxcombine.moe.mergekit_moe import load_moe_config, parse_moe_config, plan_moe
+from jaxcombine.moe.mergekit import load_moe_config, parse_moe_config, plan_moe
 
 HERE = Path(__file__).parent / "fixtures" / "mergekit_moe"
 MODELS = HERE / "models"

@@ -193,6 +193,11 @@ def _dtype(value, where: str) -> np.dtype | None:
     return _DTYPES[name]
 
 
+def _dtype_name(dtype: np.dtype) -> str:
+    """The name config.json gives ``dtype`` (``bfloat16``, ``float16``, ...)."""
+    return "bfloat16" if dtype.name == "bfloat16" else str(dtype)
+
+
 def _layer_range(value, where: str) -> tuple[int, int]:
     ok = (
         isinstance(value, (list, tuple))
@@ -415,10 +420,16 @@ def parse_merge_config(
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
     """Read and check a mergekit YAML file (models located on disk, nothing else read)."""
+    return _load_yaml(path, parse_merge_config, kind="merge", tool="mergekit")
+
+
+def _load_yaml(path: str | os.PathLike, parse, *, kind: str, tool: str):
+    """Read the YAML mapping in ``path`` and ``parse`` it (``parse(raw, config_dir=, text=,
+    source=)``); every ConfigError names the file. ``kind`` and ``tool`` word the errors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            "merge config file does not exist", where=str(path), fix="pass a mergekit YAML file"
+            f"{kind} config file does not exist", where=str(path), fix=f"pass a {tool} YAML file"
         )
     text = path.read_text(encoding="utf-8")
     try:
@@ -428,6 +439,6 @@ def load_merge_config(path: str | os.PathLike) -> MergeConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("expected a YAML mapping at the top level", where=str(path))
     try:
-        return parse_merge_config(raw, config_dir=path.parent, text=text, source=str(path))
+        return parse(raw, config_dir=path.parent, text=text, source=str(path))
     except ConfigError as e:
         raise type(e)(e.message, where=f"{path}: {e.where}", fix=e.fix) from None

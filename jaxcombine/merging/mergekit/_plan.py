@@ -46,7 +46,7 @@ from jaxcombine.merging._engine import (
     leaf_parameters,
     unknown_parameter,
 )
-from jaxcombine.merging.mergekit._config import MergeConfig, OutputSlice
+from jaxcombine.merging.mergekit._config import MergeConfig, OutputSlice, _dtype_name
 from jaxcombine.merging.mergekit._vocab import VocabPlan, plan_vocabulary
 
 _LAYER = re.compile(
@@ -465,10 +465,9 @@ def _out_config(config: MergeConfig, donor: ModelFiles, plan_tensors, layers, vo
         out[key] = layers
     dtype = config.out_dtype or config.dtype
     if dtype is not None:
-        name = "bfloat16" if dtype.name == "bfloat16" else str(dtype)
         for key in ("torch_dtype", "dtype"):
             if key in out or (key == "torch_dtype" and "dtype" not in out):
-                out[key] = name
+                out[key] = _dtype_name(dtype)
     if vocab is not None:
         out["vocab_size"] = vocab.size
     has_head = any(t.name == HEAD for t in plan_tensors)
