@@ -298,3 +298,23 @@ def test_layer_on_cpu_lowers_the_blocked_branch_only():
     hlo = jax.jit(jax.grad(loss)).lower(state, jnp.ones((2, 5, 8))).as_text()
     assert "while" in hlo
     assert "ragged_dot" not in hlo
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_experts_cpu_loop_equals_einsum_branch(gated):
+    E, D, F = 3, 6, 10
+    p = _params(jax.random.key(14), E, D, F, gated=gated)
+    inputs = jax.random.normal(jax.random.key(15), (2, E, 5, D))  # [G, E, C, D]
+    weights = (p["up"], p["gate"], p["down"])
+
+    def loss(fn):
+        return lambda inputs, *w: jnp.sum(jnp.sin(fn(inputs, *w, activation=jax.nn.silu)))
+
+    got = jax.grad(loss(L._experts_loop), (0, 1, 3))(inputs, *weights)
+    want = jax.grad(loss(L._experts_einsum), (0, 1, 3))(inputs, *weights)
+    _assert_trees_close(got, want)
+    np.testing.assert_allclose(
+        L._experts_loop(inputs, *weights, activation=jax.nn.silu),
+        L._experts_einsum(inputs, *weights, activation=jax.nn.silu),
+        **TOL,
+    )

@@ -37,6 +37,7 @@ router z-loss and routing statistics for the caller to weigh and log.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -151,14 +152,19 @@ class SparseMoE(nnx.Module):
         self.rngs = rngs if config.router_jitter > 0 else None
 
     def experts(self, inputs: jax.Array) -> jax.Array:
-        """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D]."""
+        """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D].
+
+        Batched einsums over E on GPU/TPU; on CPU a loop over experts
+        (:func:`blocked_matmul` with one block per expert), which XLA:CPU runs
+        ~1.5x faster than the batched einsum, forward and backward (bench/moe.py).
+        """
+        weights = (self.up[...], None if self.gate is None else self.gate[...], self.down[...])
         act = _activation(self.config.activation)
-        up = jnp.einsum("...ecd,edf->...ecf", inputs, self.up[...])
-        if self.gate is None:
-            hidden = act(up)
-        else:
-            hidden = act(jnp.einsum("...ecd,edf->...ecf", inputs, self.gate[...])) * up
-        return jnp.einsum("...ecf,efd->...ecd", hidden, self.down[...])
+        return jax.lax.platform_dependent(
+            inputs, *weights,
+            cpu=partial(_experts_loop, activation=act),
+            default=partial(_experts_einsum, activation=act),
+        )  # fmt: skip
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, MoEAux]:
         config = self.config
@@ -240,6 +246,37 @@ def _groups(x: jax.Array, group_size: int | None) -> jax.Array:
     return x.reshape(-1, group_size, D)
 
 
+# ---- expert feed-forwards ------------------------------------------------------------
+
+
+def _experts_einsum(inputs, up, gate, down, *, activation):
+    hidden = jnp.einsum("...ecd,edf->...ecf", inputs, up)
+    if gate is not None:
+        hidden = activation(jnp.einsum("...ecd,edf->...ecf", inputs, gate)) * hidden
+    else:
+        hidden = activation(hidden)
+    return jnp.einsum("...ecf,efd->...ecd", hidden, down)
+
+
+def _experts_loop(inputs, up, gate, down, *, activation):
+    """:func:`_experts_einsum` as grouped matmuls over expert-major rows [E * M, D]."""
+    E, C, D = inputs.shape[-3:]
+    rows = jnp.moveaxis(inputs, -3, 0)  # [E, ..., C, D]
+    lead = rows.shape[1:-1]
+    M = math.prod(lead)
+    matmul = partial(blocked_matmul, group_sizes=jnp.full((E,), M, jnp.int32), block=M)
+    out = _ffn(rows.reshape(E * M, D), up, gate, down, activation=activation, matmul=matmul)
+    return jnp.moveaxis(out.reshape(E, *lead, D), 0, -3)
+
+
+def _ffn(rows, up, gate, down, *, activation, matmul):
+    if gate is None:
+        hidden = activation(matmul(rows, up))
+    else:
+        hidden = activation(matmul(rows, gate)) * matmul(rows, up)
+    return matmul(hidden, down)
+
+
 # ---- dropless: grouped matmuls over expert-sorted rows -------------------------------
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -271,11 +308,8 @@ def dropless_experts(
     layout = R.sort_by_expert(experts[None], up.shape[0], block=block)
     sizes = layout.group_sizes[0]
     rows = R.permute(x[None], layout)[0]  # [P, D]
-    if gate is None:
-        hidden = activation(matmul(rows, up, sizes))
-    else:
-        hidden = activation(matmul(rows, gate, sizes)) * matmul(rows, up, sizes)
-    out = matmul(hidden, down, sizes)  # [P, D]
+    grouped = partial(matmul, group_sizes=sizes)
+    out = _ffn(rows, up, gate, down, activation=activation, matmul=grouped)  # [P, D]
     return R.unsort(out[None], weights[None], layout)[0]
 
 
