@@ -30,6 +30,10 @@ gradients, on a shared 2-core machine):
 * ``capacity``: ``SparseMoE``, capacity factor 1.25 (C = 160).
 * ``dropless``: ``SparseMoE`` dropless.
 
+``GFLOP/s`` divides the active FLOPs (``3 matmuls x 2 T D K F``, times 3 for
+forward and backward; the same for every variant of a configuration) by the
+time: capacity slack, padding rows and dispatch work are not counted.
+
 Memory is XLA's compile-time estimate for the jitted gradient function,
 ``compiled.memory_analysis()``: temp + argument + output bytes (what the
 executable holds at its peak, inputs and gradients included); not process RSS.
@@ -180,14 +184,19 @@ def main(argv=None) -> None:
     L.CPU_BLOCK = default_block
     res_b = bench(b, x, args.repeats)
 
-    header = f"{'config':<34}{'variant':<14}{'median s':>10}{'memory MiB':>12}  runs (s)"
+    header = (
+        f"{'config':<34}{'variant':<14}{'median s':>10}{'GFLOP/s':>9}{'memory MiB':>12}  runs (s)"
+    )
     print(header)
     print("-" * (len(header) + 30))
-    for label, res in ((f"A: E={E} F={F} k={K} cf={cf}", res_a),
-                       (f"B: E={E64} F={F64} k={K} cf={cf}", res_b)):  # fmt: skip
+    for label, res, width in ((f"A: E={E} F={F} k={K} cf={cf}", res_a, F),
+                              (f"B: E={E64} F={F64} k={K} cf={cf}", res_b, F64)):  # fmt: skip
+        # active FLOPs: 3 matmuls of T x D x (K F), forward + 2 in backward
+        flops = 3 * 3 * 2 * T * D * K * width
         for name, row in res.items():
             runs = ", ".join(f"{t:.2f}" for t in row["runs"])
-            print(f"{label:<34}{name:<14}{row['s']:>10.3f}{row['mib']:>12.0f}  {runs}")
+            rate = flops / row["s"] / 1e9
+            print(f"{label:<34}{name:<14}{row['s']:>10.3f}{rate:>9.0f}{row['mib']:>12.0f}  {runs}")
     ratios = {
         "capacity_over_dense": res_a["capacity"]["s"] / res_a["dense"]["s"],
         "dropless_over_dense": res_a["dropless"]["s"] / res_a["dense"]["s"],
