@@ -22,8 +22,9 @@ from jaxcombine.moe import routing as R
 # ---- slow references ---------------------------------------------------------------
 
 
-def slots_by_loop(experts: np.ndarray, num_experts: int, capacity: int, priority=None):
-    """Slot assignment written as the docstring says it: rounds, then tokens in order."""
+def slots_by_loop(experts: np.ndarray, num_experts: int, capacity: int, priority=None, mask=None):
+    """Slot assignment written as the docstring says it: rounds, then tokens in order
+    (padding, mask False, skipped)."""
     G, S, K = experts.shape
     slots = np.full((G, S, K), capacity)
     for g in range(G):
@@ -31,6 +32,8 @@ def slots_by_loop(experts: np.ndarray, num_experts: int, capacity: int, priority
         filled = [0] * num_experts
         for k in range(K):
             for s in order:
+                if mask is not None and not mask[g, s]:
+                    continue
                 e = experts[g, s, k]
                 if filled[e] < capacity:
                     slots[g, s, k] = filled[e]
@@ -56,14 +59,19 @@ def dense_moe(layer: SparseMoE, x: jax.Array) -> jax.Array:
     weights, experts = R.top_k_choice(
         R.router_probabilities(logits), c.num_experts_per_token, renormalize=c.renormalize
     )
+    return dense_moe_with(layer, x, experts, weights)
+
+
+def dense_moe_with(layer: SparseMoE, x, experts, weights):
+    """Every token through every expert, weighted by given per-choice weights."""
+    c = layer.config
     act = {"silu": jax.nn.silu, "relu": jax.nn.relu}[c.activation]
     out = jnp.zeros_like(x)
     for e in range(c.num_experts):
         up = x @ layer.up[...][e]
         hidden = act(x @ layer.gate[...][e]) * up if c.gated else act(up)
-        y = hidden @ layer.down[...][e]
         w = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=-1)
-        out = out + w[..., None] * y
+        out = out + w[..., None] * (hidden @ layer.down[...][e])
     return out
 
 
@@ -91,6 +99,9 @@ def test_slots_equal_the_loop(priority):
         order = rng.random((G, S)) if priority else None
         got = R.assign_slots(jnp.asarray(experts), E, capacity, priority=order)
         np.testing.assert_array_equal(got, slots_by_loop(experts, E, capacity, order))
+        mask = rng.random((G, S)) < 0.6
+        got = R.assign_slots(jnp.asarray(experts), E, capacity, priority=order, mask=mask)
+        np.testing.assert_array_equal(got, slots_by_loop(experts, E, capacity, order, mask))
 
 
 @pytest.mark.parametrize("priority", ["token", "probability"])
@@ -298,3 +309,42 @@ def test_losses_equal_hf():
     np.testing.assert_allclose(
         R.router_z_loss(jnp.asarray(logits)), router_z_loss_func(_t(logits)).item(), rtol=1e-5
     )
+
+
+def test_padding_takes_no_capacity_and_no_part_in_losses():
+    """A mask keeps padding out of routing (slots by the loop that skips it), of the
+    output (0) and of the losses and statistics (HF's functions with attention_mask)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    config = MoEConfig(4, 8, 16, 2, capacity_factor=0.75)
+    layer = SparseMoE(config, rngs=nnx.Rngs(0))
+    B, T = 2, 12
+    x = jax.random.normal(jax.random.key(1), (B, T, 8))
+    mask = np.ones((B, T), bool)
+    mask[0, :5] = False  # left padding
+    y, aux = layer(x, mask=jnp.asarray(mask))
+    # The reference: top-k of the router, slots by the loop skipping padding, experts densely.
+    logits = jnp.einsum("btd,de->bte", x, layer.router[...])
+    probs = R.router_probabilities(logits)
+    weights, experts = R.top_k_choice(probs, 2, renormalize=True)
+    capacity = R.expert_capacity(T, 4, 2, 0.75)
+    slots = slots_by_loop(np.asarray(experts), 4, capacity, mask=mask)
+    assert np.any(slots[mask] == capacity)  # some real tokens are dropped too
+    kept_weights = jnp.where(jnp.asarray(slots) < capacity, weights, 0.0)
+    full = dense_moe_with(layer, x, experts, kept_weights)
+    np.testing.assert_allclose(y, full, atol=1e-6)
+    assert np.all(np.asarray(y)[~mask] == 0)
+    # Losses and statistics count real tokens only.
+    row = 0
+    hf = load_balancing_loss_func(
+        (_t(np.asarray(logits[row])),), num_experts=4, top_k=2,
+        attention_mask=torch.tensor(mask[row : row + 1]),
+    ).item()  # fmt: skip
+    ours = R.load_balancing_loss(probs[row : row + 1], experts[row : row + 1], mask[row : row + 1])
+    np.testing.assert_allclose(ours, hf, rtol=1e-5)
+    real = jnp.asarray(mask)
+    z = jax.nn.logsumexp(logits, axis=-1)[real]
+    np.testing.assert_allclose(aux.router_z_loss, jnp.mean(z**2), rtol=1e-5)
+    np.testing.assert_allclose(aux.dropped, np.mean(slots[mask] == capacity), rtol=1e-6)
+    load = np.mean(np.asarray(jax.nn.one_hot(experts, 4))[mask], axis=(0, 1))
+    np.testing.assert_allclose(aux.load, load, rtol=1e-6)

@@ -147,15 +147,18 @@ class DecoderLayer(nnx.Module):
         self.mlp = None if moe else MLP(config, dtype=dtype, rngs=rngs)
         self.moe = SparseMoE(config.moe, dtype=dtype, rngs=rngs) if moe else None
 
-    def __call__(self, x, positions, mask, cache_kv, start, dropout, deterministic=True):
-        """Returns (y, (k, v), the MoE layer's aux or None)."""
+    def __call__(
+        self, x, positions, mask, cache_kv, start, dropout, token_mask=None, deterministic=True
+    ):
+        """Returns (y, (k, v), the MoE layer's aux or None); ``token_mask`` [B, T]
+        keeps padding out of the MoE routing."""
         attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, start)
         x = x + dropout(attn)
         h = self.post_attention_layernorm(x)
         if self.moe is None:
             ffn, aux = self.mlp(h), None
         else:
-            ffn, aux = self.moe(h, deterministic=deterministic)
+            ffn, aux = self.moe(h, mask=token_mask, deterministic=deterministic)
         return x + dropout(ffn), kv, aux
 
 
@@ -245,7 +248,7 @@ class Decoder(nnx.Module):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, (k, v), aux = layer(
                 x, positions, mask_for(config.window_of_layer(i)), cache_kv, start, dropout,
-                deterministic,
+                token_mask, deterministic,
             )  # fmt: skip
             new_keys.append(k)
             new_values.append(v)

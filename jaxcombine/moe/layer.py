@@ -56,6 +56,9 @@ from jaxcombine.moe import routing as R
 CPU_BLOCK = 256
 
 
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 # jaxcombine.models imports this module (Mixtral layers), so its helpers are
 # imported when used, not at import time (no import cycle).
 def _activation(name: str):
@@ -137,6 +140,15 @@ class MoEAux(NamedTuple):
     entropy: jax.Array  # mean router entropy (nats)
 
 
+class ExpertWeights(NamedTuple):
+    """The experts' parameters: ``up``, ``gate`` [E, D, F] (None: not gated,
+    Switch), ``down`` [E, F, D]."""
+
+    up: jax.Array
+    gate: jax.Array | None
+    down: jax.Array
+
+
 class SparseMoE(nnx.Module):
     """Sparse MoE feed-forward layer; ``layer(x [B, T, D]) -> (y [B, T, D], MoEAux)``."""
 
@@ -151,26 +163,26 @@ class SparseMoE(nnx.Module):
         self.down = _param(rngs, (E, F, D), ("expert", "mlp", "embed"), dtype)
         self.rngs = rngs if config.router_jitter > 0 else None
 
+    def expert_weights(self) -> ExpertWeights:
+        gate = None if self.gate is None else self.gate[...]
+        return ExpertWeights(self.up[...], gate, self.down[...])
+
     def experts(self, inputs: jax.Array) -> jax.Array:
-        """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D].
+        """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D]."""
+        return expert_ffn(self.expert_weights(), inputs, self.config.activation)
 
-        Batched einsums over E on GPU/TPU; on CPU a loop over experts
-        (:func:`blocked_matmul` with one block per expert), which XLA:CPU runs
-        ~1.5x faster than the batched einsum, forward and backward (bench/moe.py).
-        """
-        weights = (self.up[...], None if self.gate is None else self.gate[...], self.down[...])
-        act = _activation(self.config.activation)
-        return jax.lax.platform_dependent(
-            inputs, *weights,
-            cpu=partial(_experts_loop, activation=act),
-            default=partial(_experts_einsum, activation=act),
-        )  # fmt: skip
-
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, MoEAux]:
+    def __call__(
+        self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
+    ) -> tuple[jax.Array, MoEAux]:
+        """``x`` [B, T, D]; ``mask`` [B, T] False for padding, which is routed
+        nowhere (takes no capacity, output 0) and left out of losses and
+        statistics; ``deterministic=False`` turns on router jitter."""
         config = self.config
         B, T, D = x.shape
         groups = _groups(x, config.group_size)  # [G, S, D]
-        S = groups.shape[1]
+        G, S = groups.shape[:2]
+        if mask is not None:
+            mask = mask.astype(bool).reshape(G, S)
         routed = groups
         if config.router_jitter > 0 and not deterministic:
             noise = jax.random.uniform(
@@ -184,7 +196,8 @@ class SparseMoE(nnx.Module):
         probs = R.router_probabilities(logits)
         E, K = config.num_experts, config.num_experts_per_token
         if config.routing == "expert_choice":
-            choice = R.expert_choice(probs, self._capacity(S))
+            choosable = probs if mask is None else probs * mask[..., None]  # padding: weight 0
+            choice = R.expert_choice(choosable, self._capacity(S))
             out = self.experts(R.expert_choice_dispatch(groups, choice))
             y = R.expert_choice_combine(out, choice, S)
             balance, stats = jnp.float32(0.0), R.expert_choice_stats(probs, choice)
@@ -192,25 +205,26 @@ class SparseMoE(nnx.Module):
             capacity = None if config.capacity_factor is None else self._capacity(S)
             routing = R.token_choice(
                 probs, K, capacity=capacity, renormalize=config.renormalize,
-                priority=config.priority,
+                priority=config.priority, mask=mask,
             )  # fmt: skip
             if capacity is None:
                 y = self._dropless(groups, routing)
             else:
                 y = R.combine(self.experts(R.dispatch(groups, routing, E)), routing)
             balance, stats = (
-                R.load_balancing_loss(probs, routing.experts),
-                R.router_stats(probs, routing),
+                R.load_balancing_loss(probs, routing.experts, mask),
+                R.router_stats(probs, routing, mask),
             )
         aux = MoEAux(
-            balance, R.router_z_loss(logits), stats["load"], stats["dropped"], stats["entropy"]
-        )
+            balance, R.router_z_loss(logits, mask), stats["load"], stats["dropped"],
+            stats["entropy"],
+        )  # fmt: skip
         return y.reshape(B, T, D).astype(x.dtype), aux
 
     def _dropless(self, groups: jax.Array, routing: R.Routing) -> jax.Array:
         """Every choice computed (no capacity): :func:`dropless_experts` over all tokens."""
         G, S, D = groups.shape
-        weights = (self.up[...], None if self.gate is None else self.gate[...], self.down[...])
+        weights = self.expert_weights()
         act = _activation(self.config.activation)
         tokens, experts = groups.reshape(G * S, D), routing.experts.reshape(G * S, -1)
         combine = routing.weights.reshape(G * S, -1)
@@ -249,6 +263,38 @@ def _groups(x: jax.Array, group_size: int | None) -> jax.Array:
 # ---- expert feed-forwards ------------------------------------------------------------
 
 
+def expert_ffn(weights: ExpertWeights, inputs: jax.Array, activation_name: str) -> jax.Array:
+    """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D].
+
+    ``down(act(gate x) * up x)`` (SwiGLU, Mixtral), or ``down(act(up x))``
+    when ``weights.gate`` is None (Switch). Batched einsums over E on GPU/TPU;
+    on CPU a loop over experts (:func:`blocked_matmul` with one block per
+    expert), which XLA:CPU runs ~1.5x faster than the batched einsum, forward
+    and backward (bench/moe.py).
+    """
+    act = _activation(activation_name)
+    return jax.lax.platform_dependent(
+        inputs, *weights,
+        cpu=partial(_experts_loop, activation=act),
+        default=partial(_experts_einsum, activation=act),
+    )  # fmt: skip
+
+
+def grouped_ffn(
+    weights: ExpertWeights,
+    rows: jax.Array,
+    group_sizes: jax.Array,
+    activation_name: str,
+    matmul: GroupedMatmul | None = None,
+) -> jax.Array:
+    """:func:`expert_ffn` on rows sorted by expert: ``rows`` [M, D], the first
+    ``group_sizes[0]`` for expert 0, the next for expert 1, ...; with
+    ``matmul`` (default :func:`ragged_matmul`: rows past ``sum(group_sizes)``
+    give 0)."""
+    grouped = partial(matmul or ragged_matmul, group_sizes=group_sizes)
+    return _ffn(rows, *weights, activation=_activation(activation_name), matmul=grouped)
+
+
 def _experts_einsum(inputs, up, gate, down, *, activation):
     hidden = jnp.einsum("...ecd,edf->...ecf", inputs, up)
     if gate is not None:
@@ -278,8 +324,6 @@ def _ffn(rows, up, gate, down, *, activation, matmul):
 
 
 # ---- dropless: grouped matmuls over expert-sorted rows -------------------------------
-
-GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def dropless_experts(
@@ -361,7 +405,9 @@ def _blocked(x, w, group_sizes, block, *, transpose: bool):
         y = jax.lax.dot_general(rows, w_e, (contract, ((), ())))
         return jax.lax.dynamic_update_slice_in_dim(out, y.astype(dtype), i * block, axis=0)
 
-    return jax.lax.fori_loop(0, used, body, jnp.zeros((P, out_dim), dtype))
+    # zeros typed like x . w, so the carry varies over the same shard_map axes as the body's
+    init = jnp.zeros_like(x[0, 0] * w[0, 0, 0], shape=(P, out_dim), dtype=dtype)
+    return jax.lax.fori_loop(0, used, body, init)
 
 
 def _blocked_fwd(x, w, group_sizes, block):
@@ -382,8 +428,19 @@ def _blocked_bwd(block, residuals, dout):
         old = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False)
         return jax.lax.dynamic_update_index_in_dim(dw, old + update.astype(acc), e, axis=0)
 
-    dw = jax.lax.fori_loop(0, used, body, jnp.zeros(w.shape, acc))
-    return dx.astype(x.dtype), dw.astype(w.dtype), None
+    init = jnp.zeros_like(x[0, 0] * dout[0, 0], shape=w.shape, dtype=acc)
+    dw = jax.lax.fori_loop(0, used, body, init)
+    like = x[0, 0] * dout[0, 0] * w[0, 0, 0]
+    return _cotangent_for(dx.astype(x.dtype), x, like), _cotangent_for(dw, w, like), None
+
+
+def _cotangent_for(ct: jax.Array, primal: jax.Array, like: jax.Array) -> jax.Array:
+    """``ct`` (typed like ``like`` inside ``jax.shard_map``) as ``primal``'s cotangent:
+    summed over the mesh axes along which ``primal`` does not vary, as the
+    transpose of JAX's implicit broadcast does. Outside shard_map: ``ct``."""
+    zero = jnp.zeros_like(like, dtype=primal.dtype)
+    _, pull = jax.vjp(lambda p: p + zero, primal)
+    return pull(ct.astype(primal.dtype))[0]
 
 
 blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)

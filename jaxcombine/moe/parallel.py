@@ -63,66 +63,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxcombine.errors import ConfigError, InputError
-from jaxcombine.moe import layer as moe_layer  # read at call time: layer may import this module
+from jaxcombine.moe import layer as moe_layer
 from jaxcombine.moe import routing as R
 
 if TYPE_CHECKING:
     from jaxcombine.moe.layer import MoEAux, MoEConfig, SparseMoE
 
 Exchange = Literal["auto", "ragged", "dense"]
-
-
-class ExpertWeights(NamedTuple):
-    """The experts' parameters: ``up``, ``gate`` [E, D, F], ``down`` [E, F, D].
-
-    ``gate`` None: not gated (Switch).
-    """
-
-    up: jax.Array
-    gate: jax.Array | None
-    down: jax.Array
-
-
-def expert_weights(layer: SparseMoE) -> ExpertWeights:
-    """The layer's expert parameters as arrays."""
-    gate = None if layer.gate is None else layer.gate[...]
-    return ExpertWeights(layer.up[...], gate, layer.down[...])
-
-
-def expert_ffn(weights: ExpertWeights, inputs: jax.Array, activation_name: str) -> jax.Array:
-    """Every expert on its own rows: ``inputs`` [..., E, C, D] -> [..., E, C, D].
-
-    ``down(act(gate x) * up x)`` (SwiGLU, Mixtral), or ``down(act(up x))``
-    when ``weights.gate`` is None (Switch).
-    """
-    act = _activation(activation_name)
-    up = jnp.einsum("...ecd,edf->...ecf", inputs, weights.up)
-    if weights.gate is None:
-        hidden = act(up)
-    else:
-        hidden = act(jnp.einsum("...ecd,edf->...ecf", inputs, weights.gate)) * up
-    return jnp.einsum("...ecf,efd->...ecd", hidden, weights.down)
-
-
-def grouped_expert_ffn(
-    weights: ExpertWeights, rows: jax.Array, group_sizes: jax.Array, activation_name: str
-) -> jax.Array:
-    """:func:`expert_ffn` on rows sorted by expert: ``rows`` [M, D], the first
-    ``group_sizes[0]`` for expert 0, the next for expert 1, ...; rows past
-    ``sum(group_sizes)`` give 0. Grouped matmuls (:func:`jax.lax.ragged_dot`)."""
-    act = _activation(activation_name)
-    up = jax.lax.ragged_dot(rows, weights.up, group_sizes)
-    if weights.gate is None:
-        hidden = act(up)
-    else:
-        hidden = act(jax.lax.ragged_dot(rows, weights.gate, group_sizes)) * up
-    return jax.lax.ragged_dot(hidden, weights.down, group_sizes)
-
-
-def _activation(name: str):
-    from jaxcombine.models._layers import activation  # models imports moe: not at import time
-
-    return activation(name)
 
 
 def expert_parallel(
@@ -171,7 +118,7 @@ def expert_parallel(
         in_specs=(P(), P(expert_axis), tokens, tokens),
         out_specs=(tokens, P()),
     )
-    y, aux = run(layer.router[...], expert_weights(layer), groups, routed)
+    y, aux = run(layer.router[...], layer.expert_weights(), groups, routed)
     return y.reshape(x.shape).astype(x.dtype), aux
 
 
@@ -292,7 +239,7 @@ def _capacity_body(plan, config, router, weights, groups, routed):
     axis = plan.expert_axis
     inputs = R.dispatch(groups, routing, config.num_experts)  # [g, E, C, D]
     inputs = jax.lax.all_to_all(inputs, axis, split_axis=1, concat_axis=0, tiled=True)
-    outputs = expert_ffn(weights, inputs, config.activation)  # [n g, El, C, D]
+    outputs = moe_layer.expert_ffn(weights, inputs, config.activation)  # [n g, El, C, D]
     outputs = jax.lax.all_to_all(outputs, axis, split_axis=0, concat_axis=1, tiled=True)
     return R.combine(outputs, routing), aux  # [g, S, D]
 
@@ -329,7 +276,7 @@ def _dropless_body(plan, config, router, weights, groups, routed):
         total_repeat_length=M,
     )  # local expert of every received row, El for the empty tail
     by_expert = jnp.argsort(local, stable=True)
-    out = grouped_expert_ffn(
+    out = moe_layer.grouped_ffn(
         weights, received[by_expert], jnp.sum(recv_counts, axis=0), config.activation
     )
     out = jnp.zeros_like(out).at[by_expert].set(out)  # back to the received order

@@ -154,15 +154,21 @@ def expert_capacity(
 
 
 def assign_slots(
-    experts: jax.Array, num_experts: int, capacity: int, *, priority: jax.Array | None = None
+    experts: jax.Array,
+    num_experts: int,
+    capacity: int,
+    *,
+    priority: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Slot of every choice in its expert's buffer, ``capacity`` where it is full.
 
     ``experts`` [G, S, K]. Round k gives the k-th choices slots after every
     earlier round. Within a round tokens go in token order, or by descending
     ``priority`` [G, S] (batch-prioritised routing: the router's top
-    probability), ties by token order. Works with a [G, S, E] count, never a
-    [G, S, E, C] tensor.
+    probability), ties by token order. Tokens where ``mask`` [G, S] is False
+    (padding) claim no slot (their slot is ``capacity``). Works with a
+    [G, S, E] count, never a [G, S, E, C] tensor.
     """
     G, S, K = experts.shape
     if priority is None:
@@ -171,13 +177,16 @@ def assign_slots(
         order = jnp.argsort(-priority, axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1)  # token -> its place in the order
     ordered = jnp.take_along_axis(experts, order[..., None], axis=1)  # [G, S, K]
+    if mask is not None:  # a padding token's choices point past the last expert: no hit
+        valid = jnp.take_along_axis(mask.astype(bool), order, axis=1)
+        ordered = jnp.where(valid[..., None], ordered, num_experts)
     filled = jnp.zeros((G, num_experts), jnp.int32)
     slots = []
     for choice in range(K):
         hits = jax.nn.one_hot(ordered[:, :, choice], num_experts, dtype=jnp.int32)  # [G, S, E]
         position = jnp.cumsum(hits, axis=1) - 1 + filled[:, None, :]
         slot = jnp.sum(position * hits, axis=-1)  # [G, S]
-        slots.append(jnp.where(slot < capacity, slot, capacity))
+        slots.append(jnp.where((slot < capacity) & (jnp.sum(hits, -1) > 0), slot, capacity))
         filled = filled + jnp.sum(hits, axis=1)
     slots = jnp.stack(slots, axis=-1)  # in priority order
     return jnp.take_along_axis(slots, rank[..., None], axis=1).astype(jnp.int32)
@@ -190,18 +199,20 @@ def token_choice(
     capacity: int | None,
     renormalize: bool,
     priority: Priority = "token",
+    mask: jax.Array | None = None,
 ) -> Routing:
     """Top-K token-choice routing of router probabilities ``probs`` [G, S, E]
     (:func:`router_probabilities`) with ``capacity`` slots per expert.
 
     ``capacity=None``: no slot limit, no choice dropped (then ``slots`` still
-    number each expert's tokens, and ``capacity`` is S * K).
+    number each expert's tokens, and ``capacity`` is S * K). ``mask`` [G, S]:
+    False for padding, which takes no slot and gets weight 0.
     """
     G, S, E = probs.shape
     weights, experts = top_k_choice(probs, k, renormalize=renormalize)
     capacity = S * k if capacity is None else capacity
     order = jnp.max(probs, axis=-1) if priority == "probability" else None
-    slots = assign_slots(experts, E, capacity, priority=order)
+    slots = assign_slots(experts, E, capacity, priority=order, mask=mask)
     weights = jnp.where(slots < capacity, weights, 0.0)
     return Routing(experts, weights, slots, capacity)
 
@@ -392,33 +403,64 @@ def expert_choice_combine(expert_out: jax.Array, choice: ExpertChoice, group_siz
     return out.at[g, choice.tokens.reshape(G, -1)].add(weighted.reshape(G, -1, D))
 
 
-def load_balancing_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
+def _token_mean(values: jax.Array, mask: jax.Array | None, axis=(0, 1)) -> jax.Array:
+    """Mean over the token axes of ``values`` [G, S, ...], counting only ``mask`` [G, S]."""
+    values = values.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(values, axis=axis)
+    weight = mask.astype(jnp.float32).reshape(mask.shape + (1,) * (values.ndim - 2))
+    total = jnp.sum(weight * jnp.ones_like(values), axis=axis)
+    return jnp.sum(values * weight, axis=axis) / jnp.maximum(total, 1.0)
+
+
+def load_balancing_loss(
+    probs: jax.Array, experts: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
     """Switch / GShard auxiliary loss, E * sum_e f_e * P_e, averaged over groups.
 
     ``probs`` [G, S, E] router probabilities, ``experts`` [G, S, K] the chosen
     experts (before capacity). f_e: choices routed to e over S (summing to K),
-    P_e: mean probability of e. Equals HF's Switch ``load_balancing_loss_func``
-    for K = 1 and Mixtral's for G = 1. Minimal (1 for K = 1) when balanced.
+    P_e: mean probability of e; both over the tokens where ``mask`` [G, S] is
+    True (as HF's ``attention_mask``), groups with no token left out. Equals
+    HF's Switch ``load_balancing_loss_func`` for K = 1 and Mixtral's for
+    G = 1. Minimal (1 for K = 1) when balanced.
     """
     E = probs.shape[-1]
-    counts = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32), axis=(1, 2))  # [G, E]
-    fraction = counts / experts.shape[1]
-    mean_prob = jnp.mean(probs.astype(jnp.float32), axis=1)  # [G, E]
-    return E * jnp.mean(jnp.sum(fraction * mean_prob, axis=-1))
+    if mask is None:
+        mask = jnp.ones(probs.shape[:2], bool)
+    counted = mask.astype(jnp.float32)[..., None]  # [G, S, 1]
+    tokens = jnp.maximum(jnp.sum(counted, axis=1), 1.0)  # [G, 1]
+    hits = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32), axis=2)  # [G, S, E]
+    fraction = jnp.sum(hits * counted, axis=1) / tokens  # [G, E]
+    mean_prob = jnp.sum(probs.astype(jnp.float32) * counted, axis=1) / tokens  # [G, E]
+    per_group = E * jnp.sum(fraction * mean_prob, axis=-1)
+    present = jnp.any(mask, axis=1).astype(jnp.float32)
+    return jnp.sum(per_group * present) / jnp.maximum(jnp.sum(present), 1.0)
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
-    """ST-MoE's z-loss (Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """ST-MoE's z-loss (Zoph et al. 2022): mean over tokens of logsumexp(logits)^2
+    (``logits`` [G, S, E]; tokens where ``mask`` [G, S] is True)."""
+    z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return _token_mean(jnp.square(z), mask)
 
 
-def router_stats(probs: jax.Array, routing: Routing) -> dict[str, jax.Array]:
+def router_stats(
+    probs: jax.Array, routing: Routing, mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """For logging: ``load`` [E] share of choices per expert (before capacity),
-    ``dropped`` fraction of choices over capacity, ``entropy``: :func:`router_entropy`."""
+    ``dropped`` fraction of choices over capacity, ``entropy``: :func:`router_entropy`;
+    over the tokens where ``mask`` [G, S] is True."""
     E = probs.shape[-1]
-    load = jnp.mean(jax.nn.one_hot(routing.experts, E, dtype=jnp.float32), axis=(0, 1, 2))
-    dropped = jnp.mean((routing.slots >= routing.capacity).astype(jnp.float32))
-    return {"load": load, "dropped": dropped, "entropy": router_entropy(probs)}
+    K = routing.experts.shape[-1]
+    hits = jnp.sum(jax.nn.one_hot(routing.experts, E, dtype=jnp.float32), axis=2) / K
+    load = _token_mean(hits, mask)
+    over = jnp.mean((routing.slots >= routing.capacity).astype(jnp.float32), axis=-1)
+    return {
+        "load": load,
+        "dropped": _token_mean(over, mask),
+        "entropy": router_entropy(probs, mask),
+    }
 
 
 def expert_choice_stats(probs: jax.Array, choice: ExpertChoice) -> dict[str, jax.Array]:
@@ -431,7 +473,8 @@ def expert_choice_stats(probs: jax.Array, choice: ExpertChoice) -> dict[str, jax
     return {"load": jnp.full((E,), 1.0 / E), "dropped": dropped, "entropy": router_entropy(probs)}
 
 
-def router_entropy(probs: jax.Array) -> jax.Array:
-    """Mean over tokens of the router distribution's entropy (nats)."""
+def router_entropy(probs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean over tokens (where ``mask`` [G, S] is True) of the router distribution's
+    entropy (nats)."""
     p = probs.astype(jnp.float32)
-    return -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
+    return _token_mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1), mask)
