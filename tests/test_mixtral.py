@@ -20,8 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from jaxcombine.errors import ConfigError, TensorError, UnsupportedModelError
 from jaxcombine.hf import load_model, save_model
-from jaxcombine.moe import MoEConfig
-from jaxcombine.moe.upcycle import upcycle
+from jaxcombine.moe import MoEConfig, upcycle
 from tests import hf_models
 
 
