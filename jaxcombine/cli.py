@@ -209,26 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--batch-size", type=int, default=8)
     sc.set_defaults(run=cmd_score)
 
+    def writer_args(p):  # merge and moe: write a model directory from a YAML plan
+        p.add_argument("--out-shard-size", default="5B", help="max shard size (5B = 5e9 bytes)")
+        p.add_argument("--dry-run", action="store_true", help="validate and print the plan")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
     mg = sub.add_parser("merge", help="merge checkpoints from a mergekit YAML config")
     mg.add_argument("config", help="mergekit YAML config")
     mg.add_argument("out_dir", help="output model directory")
     mg.add_argument("--random-seed", type=int, default=0, help="seed for random methods")
-    mg.add_argument("--out-shard-size", default="5B", help="max shard size (5B = 5e9 bytes)")
-    mg.add_argument("--dry-run", action="store_true", help="validate and print the plan")
-    mg.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    mg.add_argument("--quiet", action="store_true", help="no progress bar")
-    mg.add_argument("--json", action="store_true", help="print one JSON object")
+    writer_args(mg)
     mg.set_defaults(run=cmd_merge)
 
     moe = sub.add_parser("moe", help="a Mixtral MoE from dense models (mergekit-moe YAML)")
     moe.add_argument("config", help="mergekit-moe YAML config")
     moe.add_argument("out_dir", help="output model directory")
     moe.add_argument("--random-seed", type=int, default=0, help="seed for random gates, noise")
-    moe.add_argument("--out-shard-size", default="5B", help="max shard size (5B = 5e9 bytes)")
-    moe.add_argument("--dry-run", action="store_true", help="validate and print the plan")
-    moe.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    moe.add_argument("--quiet", action="store_true", help="no progress bar")
-    moe.add_argument("--json", action="store_true", help="print one JSON object")
+    writer_args(moe)
     moe.add_argument(
         "--i-understand-this-is-not-useful-without-training",
         action="store_true",

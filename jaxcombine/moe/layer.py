@@ -183,13 +183,7 @@ class SparseMoE(nnx.Module):
         G, S = groups.shape[:2]
         if mask is not None:
             mask = mask.astype(bool).reshape(G, S)
-        routed = groups
-        if config.router_jitter > 0 and not deterministic:
-            noise = jax.random.uniform(
-                self.rngs.jitter(), groups.shape, minval=1 - config.router_jitter,
-                maxval=1 + config.router_jitter,
-            )  # fmt: skip
-            routed = groups * noise.astype(groups.dtype)
+        routed = self.router_inputs(groups, deterministic)
         logits = jnp.einsum(
             "gsd,de->gse", routed.astype(jnp.float32), self.router[...].astype(jnp.float32)
         )
@@ -220,6 +214,15 @@ class SparseMoE(nnx.Module):
             stats["entropy"],
         )  # fmt: skip
         return y.reshape(B, T, D).astype(x.dtype), aux
+
+    def router_inputs(self, groups: jax.Array, deterministic: bool) -> jax.Array:
+        """What the router sees: the tokens, times uniform(1 - j, 1 + j) noise when
+        training with ``router_jitter`` j (Switch; HF Mixtral's ``router_jitter_noise``)."""
+        j = self.config.router_jitter
+        if j == 0 or deterministic:
+            return groups
+        noise = jax.random.uniform(self.rngs.jitter(), groups.shape, minval=1 - j, maxval=1 + j)
+        return groups * noise.astype(groups.dtype)
 
     def _dropless(self, groups: jax.Array, routing: R.Routing) -> jax.Array:
         """Every choice computed (no capacity): :func:`dropless_experts` over all tokens."""

@@ -103,13 +103,7 @@ def expert_parallel(
     config = layer.config
     plan = _plan(config, x.shape, mesh, data_axis, expert_axis, exchange)
     groups = x.reshape(plan.groups, plan.group_size, x.shape[-1])  # [G, S, D]
-    routed = groups
-    if config.router_jitter > 0 and not deterministic:
-        noise = jax.random.uniform(
-            layer.rngs.jitter(), groups.shape, minval=1 - config.router_jitter,
-            maxval=1 + config.router_jitter,
-        )  # fmt: skip
-        routed = groups * noise.astype(groups.dtype)
+    routed = layer.router_inputs(groups, deterministic)
     body = _capacity_body if plan.capacity is not None else _dropless_body
     tokens = P(plan.token_axes)
     run = jax.shard_map(
