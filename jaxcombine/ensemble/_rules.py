@@ -1,0 +1,147 @@
+"""Combination rules: pure functions of the members' next-token logits.
+
+Every rule maps member logits ``[N, B, V]`` (N members, B rows, V tokens) and
+coefficients ``w`` [N] (or per row, [N, B]) to the combined next-token
+log-probabilities ``[B, V]``; all are jit-able and differentiable.
+
+    linear        log sum_i w_i p_i                  (mixture; w_i >= 0, sum 1)
+    loglinear     log_softmax(sum_i w_i log p_i)     (product of experts)
+    logits        log_softmax(sum_i w_i z_i)         (raw logit arithmetic;
+                                                      any sign: DExperts,
+                                                      proxy-tuning)
+    contrastive   log_softmax(log p_e - log p_a) over the tokens with
+                  p_e >= alpha * max p_e, -inf elsewhere
+                                                     (contrastive decoding)
+
+with ``p_i = softmax(z_i)``. The linear rule is computed in log space,
+``logsumexp_i(log w_i + log p_i)``, so tiny probabilities do not underflow.
+DExperts (Liu et al. 2021, arXiv:2105.03023) is ``logits`` with members
+(base, expert, anti-expert) and weights (1, alpha, -alpha); proxy-tuning
+(Liu et al. 2024, arXiv:2401.08565) the same with (large base, small tuned,
+small untuned). Contrastive decoding (Li et al. 2022, arXiv:2210.15097): the
+first member is the expert, the second the amateur, ``alpha`` the
+plausibility cut-off (0.1 in the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxcombine.errors import ConfigError
+
+Rule = Literal["linear", "loglinear", "logits", "contrastive"]
+RULES: tuple[Rule, ...] = ("linear", "loglinear", "logits", "contrastive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Combination:
+    """A rule and its constants; hashable, so it can be a static jit argument.
+
+    ``weights``: one per member (default: uniform). ``alpha``: contrastive
+    decoding's plausibility cut-off.
+    """
+
+    rule: Rule = "linear"
+    weights: tuple[float, ...] | None = None
+    alpha: float = 0.1
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ConfigError(
+                f"unknown combination rule {self.rule!r}",
+                where="--combine",
+                fix=f"use one of {', '.join(RULES)}",
+            )
+        if self.rule == "contrastive" and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(
+                f"contrastive alpha must be in [0, 1], got {self.alpha}",
+                where="--alpha",
+                fix="use the plausibility cut-off of Li et al. (0.1)",
+            )
+        negative = self.weights is not None and (
+            any(w < 0 for w in self.weights) or sum(self.weights) <= 0
+        )
+        if self.rule == "linear" and negative:
+            raise ConfigError(
+                f"linear interpolation needs non-negative weights with a positive sum, "
+                f"got {list(self.weights)}",
+                where="--weights",
+                fix="use log-linear or logit arithmetic (--combine logits) for negative weights",
+            )
+
+    def check_members(self, num_members: int) -> None:
+        """A clear error when the weights do not fit ``num_members`` members."""
+        if self.weights is not None and len(self.weights) != num_members:
+            raise ConfigError(
+                f"{len(self.weights)} weights for {num_members} members",
+                where="--weights",
+                fix="give one weight per --model, in the same order",
+            )
+        if self.rule == "contrastive" and num_members != 2:
+            raise ConfigError(
+                f"contrastive decoding takes two members (expert, amateur), got {num_members}",
+                where="--model",
+                fix="pass the expert first and the amateur second",
+            )
+
+    def coefficients(self, num_members: int) -> jax.Array:
+        """The weights as an array [N] (uniform when not given)."""
+        self.check_members(num_members)
+        if self.weights is None:
+            return jnp.full((num_members,), 1.0 / num_members, jnp.float32)
+        return jnp.asarray(self.weights, jnp.float32)
+
+    def __call__(self, logits: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+        """Combined log-probabilities [B, V] of member ``logits`` [N, B, V];
+        ``weights`` [N] or [N, B] override the constant ones (learned gates,
+        posteriors)."""
+        N = logits.shape[0]
+        w = self.coefficients(N) if weights is None else weights
+        if self.rule == "linear":
+            return linear(logits, w)
+        if self.rule == "loglinear":
+            return loglinear(logits, w)
+        if self.rule == "logits":
+            return logit_arithmetic(logits, w)
+        self.check_members(N)
+        return contrastive(logits[0], logits[1], self.alpha)
+
+
+def _per_row(weights: jax.Array, logits: jax.Array) -> jax.Array:
+    """Weights [N] or [N, B] broadcast against logits [N, B, V]."""
+    w = jnp.asarray(weights, jnp.float32)
+    return w.reshape(w.shape + (1,) * (logits.ndim - w.ndim))
+
+
+def linear(logits: jax.Array, weights: jax.Array) -> jax.Array:
+    """``log sum_i w_i softmax(z_i)`` (weights normalised to sum 1), in log space."""
+    w = _per_row(weights, logits)
+    w = w / jnp.sum(w, axis=0, keepdims=True)
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jax.nn.logsumexp(log_p, axis=0, b=w)
+
+
+def loglinear(logits: jax.Array, weights: jax.Array) -> jax.Array:
+    """``log_softmax(sum_i w_i log softmax(z_i))``: a weighted product of experts."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jax.nn.log_softmax(jnp.sum(_per_row(weights, logits) * log_p, axis=0), axis=-1)
+
+
+def logit_arithmetic(logits: jax.Array, weights: jax.Array) -> jax.Array:
+    """``log_softmax(sum_i w_i z_i)`` on raw logits; weights of any sign (DExperts)."""
+    z = jnp.sum(_per_row(weights, logits) * logits.astype(jnp.float32), axis=0)
+    return jax.nn.log_softmax(z, axis=-1)
+
+
+def contrastive(expert: jax.Array, amateur: jax.Array, alpha: float) -> jax.Array:
+    """Contrastive decoding's distribution: ``log p_e - log p_a`` renormalised over
+    the plausible tokens ``{v : p_e(v) >= alpha * max p_e}``; ``-inf`` elsewhere."""
+    log_e = jax.nn.log_softmax(expert.astype(jnp.float32), axis=-1)
+    log_a = jax.nn.log_softmax(amateur.astype(jnp.float32), axis=-1)
+    cutoff = jnp.max(log_e, axis=-1, keepdims=True) + jnp.log(jnp.float32(alpha))
+    scores = jnp.where(log_e >= cutoff, log_e - log_a, -jnp.inf)
+    return jax.nn.log_softmax(scores, axis=-1)
