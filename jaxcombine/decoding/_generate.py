@@ -179,7 +179,32 @@ def generate(
         model = jaxcombine.hf.load_model("tiny-llama")
         generate(model, [[1, 15, 27], [1, 9]], max_new_tokens=8)
     """
-    config = model.config
+    graphdef, params = nnx.split(model)
+    dtype = model.embed_tokens.embedding.get_value().dtype
+    return generate_with(
+        DecoderForward(graphdef), params, model.config, prompts,
+        make_cache=lambda batch, length: init_cache(model.config, batch, length, dtype),
+        max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id, seed=seed,
+    )  # fmt: skip
+
+
+def generate_with(
+    forward,
+    params,
+    config,
+    prompts: Sequence[Sequence[int]],
+    *,
+    make_cache,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_token_ids: Sequence[int] | None,
+    pad_token_id: int | None,
+    seed: int,
+) -> list[list[int]]:
+    """:func:`generate` for any ``forward`` (one model, stacked members, ...):
+    ``config`` gives the vocabulary, context and special tokens,
+    ``make_cache(batch, length)`` an empty cache for ``forward``."""
     validate_prompts(prompts, config.vocab_size, config.max_position_embeddings)
     if max_new_tokens < 1:
         raise InputError(
@@ -193,10 +218,7 @@ def generate(
     )
     length = bucket_length(max(len(p) for p in prompts))
     tokens, mask = left_pad(prompts, length, pad)
-    graphdef, params = nnx.split(model)
-    forward = DecoderForward(graphdef)
-    dtype = model.embed_tokens.embedding.get_value().dtype
-    cache = init_cache(config, len(prompts), length + max_new_tokens, dtype)
+    cache = make_cache(len(prompts), length + max_new_tokens)
     logits, cache = prefill(forward, params, jnp.asarray(tokens), jnp.asarray(mask), cache)
     out = decode_loop(
         forward,

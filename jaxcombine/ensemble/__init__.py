@@ -1,5 +1,6 @@
 """Ensembles of language models combined per token: the combination rules
-(:mod:`._rules`), pure functions of the members' logits."""
+(:mod:`._rules`, pure functions of the members' logits) and stacked members
+decoded in one jitted loop (:mod:`._stacked`)."""
 
 from jaxcombine.ensemble._rules import (
     RULES,
@@ -9,5 +10,16 @@ from jaxcombine.ensemble._rules import (
     logit_arithmetic,
     loglinear,
 )
+from jaxcombine.ensemble._stacked import StackedForward, generate_ensemble, stack_members
 
-__all__ = ["RULES", "Combination", "contrastive", "linear", "logit_arithmetic", "loglinear"]
+__all__ = [
+    "RULES",
+    "Combination",
+    "StackedForward",
+    "contrastive",
+    "generate_ensemble",
+    "linear",
+    "logit_arithmetic",
+    "loglinear",
+    "stack_members",
+]

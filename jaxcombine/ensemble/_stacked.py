@@ -1,0 +1,110 @@
+"""Stacked members: several decoders of one architecture as one vmapped forward.
+
+Members with equal configs have equal NNX graph definitions, so their
+parameters stack into one pytree with a leading member axis N. The ensemble's
+forward ``vmap``s the decoder over (parameters, cache) and combines the
+members' logits [N, B, T, V] with a :class:`~jaxcombine.ensemble.Combination`
+into log-probabilities [B, T, V]; the decode loop of
+:mod:`jaxcombine.decoding` runs it unchanged (log-probabilities are logits
+to its samplers), so all members decode in one compiled ``while_loop``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcombine import tree
+from jaxcombine.decoding import DecoderForward, Sampling, generate_with
+from jaxcombine.ensemble._rules import Combination
+from jaxcombine.errors import ConfigError
+from jaxcombine.models import Decoder, init_cache
+
+_UNIFORM_LINEAR = Combination()
+_GREEDY = Sampling()
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedForward:
+    """``forward(params, tokens, mask, cache, last_only)`` of N stacked members:
+    combined log-probabilities [B, T, V] and the stacked caches."""
+
+    graphdef: Any
+    combination: Combination
+
+    def members(self, params, tokens, mask, cache, last_only=False):
+        """Every member's logits [N, B, T, V] and the stacked caches."""
+        one = DecoderForward(self.graphdef)
+        return jax.vmap(lambda p, c: one(p, tokens, mask, c, last_only))(params, cache)
+
+    def __call__(self, params, tokens, mask, cache, last_only=False):
+        logits, cache = self.members(params, tokens, mask, cache, last_only)
+        return self.combination(logits), cache
+
+
+def stack_members(models: Sequence[Decoder]) -> tuple[Any, Any]:
+    """(graph definition, parameters stacked on a leading member axis) of ``models``,
+    which must share one architecture (equal configs up to dropout)."""
+    if not models:
+        raise ConfigError("no members given", where="models", fix="pass at least one model")
+    first = models[0].config
+    for i, model in enumerate(models[1:], start=1):
+        if model.config.replace(dropout_rate=first.dropout_rate) != first:
+            diff = [
+                f.name
+                for f in dataclasses.fields(first)
+                if getattr(first, f.name) != getattr(model.config, f.name)
+            ]
+            raise ConfigError(
+                f"member {i} has a different architecture from member 0 ({', '.join(diff)})",
+                where=f"member {i}",
+                fix="stack members of one architecture; combine others as a tuple of models",
+            )
+    splits = [nnx.split(m) for m in models]
+    params = [p for _, p in splits]
+    tree.check_same_structure(params, [f"member {i}" for i in range(len(models))])
+    return splits[0][0], tree.stack(params)
+
+
+def generate_ensemble(
+    models: Sequence[Decoder],
+    prompts: Sequence[Sequence[int]],
+    combination: Combination = _UNIFORM_LINEAR,
+    *,
+    max_new_tokens: int = 32,
+    sampling: Sampling = _GREEDY,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Continue each prompt with the members' combined next-token distribution.
+
+    Members of one architecture are stacked and decoded together in one
+    jitted loop (:class:`StackedForward`). Returns the new tokens per prompt.
+
+    Example::
+
+        members = [load_model(d) for d in ("run-a", "run-b", "run-c")]
+        generate_ensemble(members, [[1, 15, 27]], Combination("loglinear"))
+    """
+    combination.check_members(len(models))
+    graphdef, params = stack_members(models)
+    config = models[0].config
+    dtype = models[0].embed_tokens.embedding.get_value().dtype
+    N = len(models)
+
+    def make_cache(batch, length):
+        return jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (N, *x.shape)), init_cache(config, batch, length, dtype)
+        )
+
+    return generate_with(
+        StackedForward(graphdef, combination), params, config, prompts,
+        make_cache=make_cache, max_new_tokens=max_new_tokens, sampling=sampling,
+        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, seed=seed,
+    )  # fmt: skip
