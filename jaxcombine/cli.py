@@ -1,7 +1,8 @@
 """The ``jaxcombine`` command.
 
-    jaxcombine generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
-            [--greedy | --temperature T --top-k K --top-p P --seed S] [--json]
+    jaxcombine generate --model DIR [--model DIR ...] (--prompt TEXT | --prompt-ids 1,2,3)
+            [--max-new-tokens N] [--greedy | --temperature T --top-k K --top-p P --seed S]
+            [--combine linear|loglinear|logits|contrastive --weights 0.7,0.3 --alpha A] [--json]
     jaxcombine score --model DIR --text-file F [--json]
     jaxcombine merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
             [--dry-run] [--overwrite] [--quiet] [--json]
@@ -39,13 +40,51 @@ def _token_ids(text: str) -> list[int]:
         ) from None
 
 
-def _load(args):
+def _load(args, model_dir=None):
     import jax.numpy as jnp
 
     from jaxcombine.hf import load_model
 
     dtype = None if args.dtype is None else getattr(jnp, args.dtype)
-    return load_model(args.model, dtype=dtype)
+    return load_model(model_dir or _single_model(args), dtype=dtype)
+
+
+def _single_model(args) -> str:
+    if len(args.model) > 1:
+        raise InputError(
+            f"{args.command} takes one --model for now, got {len(args.model)}",
+            where="--model",
+            fix="pass one model (ensembles: jaxcombine generate with several --model)",
+        )
+    return args.model[0]
+
+
+def _combination(args, configs):
+    """The ensemble's rule, checked against the members' configs before any weight is read."""
+    from jaxcombine.ensemble import Combination
+
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = tuple(float(w) for w in args.weights.split(",") if w.strip())
+        except ValueError:
+            raise InputError(
+                f"cannot parse weights {args.weights!r}",
+                where="--weights",
+                fix="write comma-separated numbers, one per --model, e.g. --weights 0.7,0.3",
+            ) from None
+    combination = Combination(args.combine, weights, args.alpha)
+    combination.check_members(len(configs))
+    first = configs[0]
+    for directory, config in zip(args.model[1:], configs[1:], strict=True):
+        if config.vocab_size != first.vocab_size:
+            raise InputError(
+                f"vocabulary of {config.vocab_size} tokens differs from the first member's "
+                f"{first.vocab_size}",
+                where=directory,
+                fix="combine members that share a tokenizer",
+            )
+    return combination
 
 
 def _tokenizer_or_none(model_dir):
@@ -77,22 +116,28 @@ def cmd_generate(args) -> dict:
             where="--top-k/--top-p",
             fix="add --temperature T (T > 0), or drop them for greedy decoding",
         )
-    config = load_config(args.model)  # cheap: check the prompts before loading weights
+    configs = [load_config(d) for d in args.model]  # cheap: check before loading weights
+    config, first = configs[0], args.model[0]
+    combination = _combination(args, configs)
     if args.prompt:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(first)
         prompts = [tokenizer.encode(text).ids for text in args.prompt]
     else:
-        tokenizer = _tokenizer_or_none(args.model)
+        tokenizer = _tokenizer_or_none(first)
         prompts = [_token_ids(text) for text in args.prompt_ids]
     validate_prompts(prompts, config.vocab_size, config.max_position_embeddings)
     if args.max_new_tokens < 1:
         raise InputError(
             f"max_new_tokens must be >= 1, got {args.max_new_tokens}", where="--max-new-tokens"
         )
-    model = _load(args)
-    tokens = generate(
-        model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
-    )
+    options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    if len(args.model) == 1:
+        tokens = generate(_load(args), prompts, **options)
+    else:
+        from jaxcombine.ensemble import generate_ensemble
+
+        members = [_load(args, d) for d in args.model]
+        tokens = generate_ensemble(members, prompts, combination, **options)
     texts = [
         tokenizer.decode(row, skip_special_tokens=True) if tokenizer else None for row in tokens
     ]
@@ -108,14 +153,15 @@ def cmd_score(args) -> dict:
         raise InputError(
             "text file does not exist", where=str(path), fix="pass the path of a UTF-8 text file"
         )
-    ids = load_tokenizer(args.model).encode(path.read_text(encoding="utf-8")).ids
+    model_dir = _single_model(args)
+    ids = load_tokenizer(model_dir).encode(path.read_text(encoding="utf-8")).ids
     if len(ids) < 2:
         raise InputError(
             f"need at least 2 tokens to score, got {len(ids)}",
             where=str(path),
             fix="score a longer text",
         )
-    model = _load(args)
+    model = _load(args, model_dir)
     result = score(model, ids, window=args.window, batch_size=args.batch_size)
     return {
         "tokens": len(ids),
@@ -180,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", required=True, help="HF model directory")
+        p.add_argument(
+            "--model", required=True, action="append", help="HF model directory (generate: "
+            "repeat for an ensemble of members of one architecture)",
+        )  # fmt: skip
         p.add_argument("--dtype", choices=_DTYPES, help="compute dtype (default: checkpoint's)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -195,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--combine", choices=("linear", "loglinear", "logits", "contrastive"), default="linear",
+        help="how several --model are combined per token (default: linear)",
+    )  # fmt: skip
+    gen.add_argument("--weights", help="one weight per --model, comma-separated (default: equal)")
+    gen.add_argument("--alpha", type=float, default=0.1, help="contrastive plausibility cut-off")
     gen.set_defaults(run=cmd_generate)
 
     sc = sub.add_parser("score", help="NLL and perplexity of a text file")

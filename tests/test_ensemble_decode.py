@@ -122,3 +122,54 @@ def test_bad_members(members, tiny_models):
     other = load_model(tiny_models["mistral"])
     with pytest.raises(ConfigError, match="member 1 has a different architecture"):
         generate_ensemble([models[0], other], [[1, 2]])
+
+
+def run_cli(argv, capsys):
+    import json
+
+    from jaxcombine import cli
+
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else captured.err)
+
+
+def test_cli_generate_with_several_models(members, capsys):
+    argv = ["generate", "--prompt-ids", "1,17,42", "--max-new-tokens", "8", "--json"]
+    for path in members[:2]:
+        argv += ["--model", str(path)]
+    code, out = run_cli(argv + ["--combine", "loglinear", "--weights", "0.7,0.3"], capsys)
+    assert code == 0
+    models = [load_model(p) for p in members[:2]]
+    expected = generate_ensemble(
+        models, [[1, 17, 42]], Combination("loglinear", (0.7, 0.3)), max_new_tokens=8
+    )
+    assert out["tokens"] == expected
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--weights", "0.5,0.3,0.2"], "3 weights for 2 members"),
+        (["--weights", "1,-1"], "non-negative"),
+        (["--weights", "a,b"], "cannot parse weights"),
+        (["--combine", "contrastive", "--alpha", "2"], r"\[0, 1\]"),
+    ],
+)
+def test_cli_bad_ensembles_fail_before_loading(members, capsys, monkeypatch, extra, message):
+    import re
+
+    from jaxcombine import hf
+
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    argv = ["generate", "--prompt-ids", "1,2", "--model", str(members[0])]
+    code, err = run_cli(argv + ["--model", str(members[1])] + extra, capsys)
+    assert code == 2 and re.search(message, err)
+
+
+def test_cli_score_takes_one_model(members, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox.")
+    argv = ["score", "--model", str(members[0]), "--model", str(members[1])]
+    code, err = run_cli(argv + ["--text-file", str(text)], capsys)
+    assert code == 2 and "one --model" in err
