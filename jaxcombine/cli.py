@@ -61,7 +61,7 @@ def _single_model(args) -> str:
 
 def _combination(args, configs):
     """The ensemble's rule, checked against the members' configs before any weight is read."""
-    from jaxcombine.ensemble import Combination
+    from jaxcombine.ensemble import Combination, check_same_architecture
 
     weights = None
     if args.weights is not None:
@@ -75,15 +75,7 @@ def _combination(args, configs):
             ) from None
     combination = Combination(args.combine, weights, args.alpha)
     combination.check_members(len(configs))
-    first = configs[0]
-    for directory, config in zip(args.model[1:], configs[1:], strict=True):
-        if config.vocab_size != first.vocab_size:
-            raise InputError(
-                f"vocabulary of {config.vocab_size} tokens differs from the first member's "
-                f"{first.vocab_size}",
-                where=directory,
-                fix="combine members that share a tokenizer",
-            )
+    check_same_architecture(configs, args.model)
     return combination
 
 

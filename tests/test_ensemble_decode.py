@@ -173,3 +173,14 @@ def test_cli_score_takes_one_model(members, tmp_path, capsys):
     argv = ["score", "--model", str(members[0]), "--model", str(members[1])]
     code, err = run_cli(argv + ["--text-file", str(text)], capsys)
     assert code == 2 and "one --model" in err
+
+
+def test_cli_members_of_different_architectures_fail_before_loading(
+    members, tiny_models, capsys, monkeypatch
+):
+    from jaxcombine import hf
+
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    argv = ["generate", "--prompt-ids", "1,2", "--model", str(members[0])]
+    code, err = run_cli(argv + ["--model", str(tiny_models["mistral"])], capsys)
+    assert code == 2 and "different architecture" in err and "model_type" in err

@@ -10,12 +10,18 @@ from jaxcombine.ensemble._rules import (
     logit_arithmetic,
     loglinear,
 )
-from jaxcombine.ensemble._stacked import StackedForward, generate_ensemble, stack_members
+from jaxcombine.ensemble._stacked import (
+    StackedForward,
+    check_same_architecture,
+    generate_ensemble,
+    stack_members,
+)
 
 __all__ = [
     "RULES",
     "Combination",
     "StackedForward",
+    "check_same_architecture",
     "contrastive",
     "generate_ensemble",
     "linear",

@@ -100,15 +100,12 @@ class Combination:
         ``weights`` [N] or [N, B] override the constant ones (learned gates,
         posteriors)."""
         N = logits.shape[0]
+        if self.rule == "contrastive":
+            self.check_members(N)
+            return contrastive(logits[0], logits[1], self.alpha)
         w = self.coefficients(N) if weights is None else weights
-        if self.rule == "linear":
-            return linear(logits, w)
-        if self.rule == "loglinear":
-            return loglinear(logits, w)
-        if self.rule == "logits":
-            return logit_arithmetic(logits, w)
-        self.check_members(N)
-        return contrastive(logits[0], logits[1], self.alpha)
+        rule = {"linear": linear, "loglinear": loglinear, "logits": logit_arithmetic}[self.rule]
+        return rule(logits, w)
 
 
 def _per_row(weights: jax.Array, logits: jax.Array) -> jax.Array:

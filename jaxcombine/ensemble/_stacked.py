@@ -23,7 +23,7 @@ from jaxcombine import tree
 from jaxcombine.decoding import DecoderForward, Sampling, generate_with
 from jaxcombine.ensemble._rules import Combination
 from jaxcombine.errors import ConfigError
-from jaxcombine.models import Decoder, init_cache
+from jaxcombine.models import Decoder, DecoderConfig, init_cache
 
 _UNIFORM_LINEAR = Combination()
 _GREEDY = Sampling()
@@ -47,24 +47,31 @@ class StackedForward:
         return self.combination(logits), cache
 
 
-def stack_members(models: Sequence[Decoder]) -> tuple[Any, Any]:
-    """(graph definition, parameters stacked on a leading member axis) of ``models``,
-    which must share one architecture (equal configs up to dropout)."""
-    if not models:
+def check_same_architecture(configs: Sequence[DecoderConfig], names=None) -> None:
+    """A :class:`ConfigError` naming the first member whose config differs from the
+    first one's (dropout aside), and the differing fields."""
+    if not configs:
         raise ConfigError("no members given", where="models", fix="pass at least one model")
-    first = models[0].config
-    for i, model in enumerate(models[1:], start=1):
-        if model.config.replace(dropout_rate=first.dropout_rate) != first:
+    names = names or [f"member {i}" for i in range(len(configs))]
+    first = configs[0]
+    for name, config in zip(names[1:], configs[1:], strict=True):
+        if config.replace(dropout_rate=first.dropout_rate) != first:
             diff = [
                 f.name
                 for f in dataclasses.fields(first)
-                if getattr(first, f.name) != getattr(model.config, f.name)
+                if getattr(first, f.name) != getattr(config, f.name)
             ]
             raise ConfigError(
-                f"member {i} has a different architecture from member 0 ({', '.join(diff)})",
-                where=f"member {i}",
+                f"{name} has a different architecture from {names[0]} ({', '.join(diff)})",
+                where=name,
                 fix="stack members of one architecture; combine others as a tuple of models",
             )
+
+
+def stack_members(models: Sequence[Decoder]) -> tuple[Any, Any]:
+    """(graph definition, parameters stacked on a leading member axis) of ``models``,
+    which must share one architecture (equal configs up to dropout)."""
+    check_same_architecture([m.config for m in models])
     splits = [nnx.split(m) for m in models]
     params = [p for _, p in splits]
     tree.check_same_structure(params, [f"member {i}" for i in range(len(models))])

@@ -110,12 +110,8 @@ class MoEConfig:
     def __post_init__(self):
         if self.routing == "token_choice":
             R.check_k(self.num_experts_per_token, self.num_experts)
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ConfigError(
-                f"capacity_factor must be > 0, got {self.capacity_factor}",
-                where="MoEConfig.capacity_factor",
-                fix="use e.g. 1.25, or None for dropless routing",
-            )
+        if self.capacity_factor is not None:
+            R.check_capacity_factor(self.capacity_factor)
         if self.routing == "expert_choice" and self.capacity_factor is None:
             raise ConfigError(
                 "expert-choice routing needs a capacity_factor",
@@ -128,6 +124,28 @@ class MoEConfig:
                 where="MoEConfig.activation",
                 fix=f"use one of {', '.join(_activation_names())} (HF's hidden_act names)",
             )
+
+    def group_shape(self, batch: int, length: int) -> tuple[int, int]:
+        """(G, S): routing groups of ``group_size`` tokens, or one per sequence."""
+        if self.group_size is None:
+            return batch, length
+        if (batch * length) % self.group_size:
+            raise ConfigError(
+                f"{batch * length} tokens (batch {batch} x length {length}) do not split into "
+                f"groups of {self.group_size}",
+                where="MoEConfig.group_size",
+                fix="choose a group size that divides batch x length, or None (one group per row)",
+            )
+        return batch * length // self.group_size, self.group_size
+
+    def capacity(self, group_size: int) -> int | None:
+        """Slots per expert in a group of ``group_size`` tokens; None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return R.expert_capacity(
+            group_size, self.num_experts, self.num_experts_per_token, self.capacity_factor,
+            rounding=self.capacity_rounding, multiple_of=self.capacity_multiple_of,
+        )  # fmt: skip
 
 
 class MoEAux(NamedTuple):
@@ -179,40 +197,30 @@ class SparseMoE(nnx.Module):
         statistics; ``deterministic=False`` turns on router jitter."""
         config = self.config
         B, T, D = x.shape
-        groups = _groups(x, config.group_size)  # [G, S, D]
-        G, S = groups.shape[:2]
+        G, S = config.group_shape(B, T)
+        groups = x.reshape(G, S, D)
         if mask is not None:
             mask = mask.astype(bool).reshape(G, S)
-        routed = self.router_inputs(groups, deterministic)
-        logits = jnp.einsum(
-            "gsd,de->gse", routed.astype(jnp.float32), self.router[...].astype(jnp.float32)
-        )
-        probs = R.router_probabilities(logits)
-        E, K = config.num_experts, config.num_experts_per_token
+        logits = router_logits(self.router[...], self.router_inputs(groups, deterministic))
         if config.routing == "expert_choice":
+            probs = R.router_probabilities(logits)
             choosable = probs if mask is None else probs * mask[..., None]  # padding: weight 0
-            choice = R.expert_choice(choosable, self._capacity(S))
+            choice = R.expert_choice(choosable, config.capacity(S))
             out = self.experts(R.expert_choice_dispatch(groups, choice))
             y = R.expert_choice_combine(out, choice, S)
-            balance, stats = jnp.float32(0.0), R.expert_choice_stats(probs, choice)
-        else:
-            capacity = None if config.capacity_factor is None else self._capacity(S)
-            routing = R.token_choice(
-                probs, K, capacity=capacity, renormalize=config.renormalize,
-                priority=config.priority, mask=mask,
+            stats = R.expert_choice_stats(probs, choice)
+            aux = MoEAux(
+                jnp.float32(0.0), R.router_z_loss(logits, mask), stats["load"],
+                stats["dropped"], stats["entropy"],
             )  # fmt: skip
+        else:
+            capacity = config.capacity(S)
+            routing, aux = route_tokens(config, logits, capacity, mask)
             if capacity is None:
                 y = self._dropless(groups, routing)
             else:
-                y = R.combine(self.experts(R.dispatch(groups, routing, E)), routing)
-            balance, stats = (
-                R.load_balancing_loss(probs, routing.experts, mask),
-                R.router_stats(probs, routing, mask),
-            )
-        aux = MoEAux(
-            balance, R.router_z_loss(logits, mask), stats["load"], stats["dropped"],
-            stats["entropy"],
-        )  # fmt: skip
+                inputs = R.dispatch(groups, routing, config.num_experts)
+                y = R.combine(self.experts(inputs), routing)
         return y.reshape(B, T, D).astype(x.dtype), aux
 
     def router_inputs(self, groups: jax.Array, deterministic: bool) -> jax.Array:
@@ -242,25 +250,28 @@ class SparseMoE(nnx.Module):
         )  # fmt: skip
         return y.reshape(G, S, D)
 
-    def _capacity(self, group_size: int) -> int:
-        c = self.config
-        return R.expert_capacity(
-            group_size, c.num_experts, c.num_experts_per_token, c.capacity_factor,
-            rounding=c.capacity_rounding, multiple_of=c.capacity_multiple_of,
-        )  # fmt: skip
+
+def router_logits(router: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``tokens`` [G, S, D] . ``router`` [D, E] in float32 (Switch's selective precision)."""
+    return jnp.einsum("gsd,de->gse", tokens.astype(jnp.float32), router.astype(jnp.float32))
 
 
-def _groups(x: jax.Array, group_size: int | None) -> jax.Array:
-    B, T, D = x.shape
-    if group_size is None:
-        return x
-    if (B * T) % group_size:
-        raise ConfigError(
-            f"{B * T} tokens (batch {B} x length {T}) do not split into groups of {group_size}",
-            where="MoEConfig.group_size",
-            fix="choose a group size that divides batch x length, or None (one group per row)",
-        )
-    return x.reshape(-1, group_size, D)
+def route_tokens(
+    config: MoEConfig, logits: jax.Array, capacity: int | None, mask: jax.Array | None = None
+) -> tuple[R.Routing, MoEAux]:
+    """Token-choice routing of router ``logits`` [G, S, E] with ``capacity``
+    (None: dropless) and its losses and statistics over the ``mask``ed tokens."""
+    probs = R.router_probabilities(logits)
+    routing = R.token_choice(
+        probs, config.num_experts_per_token, capacity=capacity,
+        renormalize=config.renormalize, priority=config.priority, mask=mask,
+    )  # fmt: skip
+    stats = R.router_stats(probs, routing, mask)
+    aux = MoEAux(
+        R.load_balancing_loss(probs, routing.experts, mask), R.router_z_loss(logits, mask),
+        stats["load"], stats["dropped"], stats["entropy"],
+    )  # fmt: skip
+    return routing, aux
 
 
 # ---- expert feed-forwards ------------------------------------------------------------

@@ -173,14 +173,7 @@ def _plan(
             where=where,
         )
     B, T, _ = shape
-    S = T if config.group_size is None else config.group_size
-    if (B * T) % S:
-        raise ConfigError(
-            f"{B * T} tokens (batch {B} x length {T}) do not split into groups of {S}",
-            where="MoEConfig.group_size",
-            fix="choose a group size that divides batch x length, or None (one group per row)",
-        )
-    G = B * T // S
+    G, S = config.group_shape(B, T)
     token_axes = (expert_axis,) if data_axis is None else (data_axis, expert_axis)
     devices = 1
     for axis in token_axes:
@@ -194,12 +187,7 @@ def _plan(
             fix=f"use a batch (or a group_size) giving a multiple of {devices} groups, "
             "or a smaller mesh",
         )
-    capacity = None
-    if config.capacity_factor is not None:
-        capacity = R.expert_capacity(
-            S, E, config.num_experts_per_token, config.capacity_factor,
-            rounding=config.capacity_rounding, multiple_of=config.capacity_multiple_of,
-        )  # fmt: skip
+    capacity = config.capacity(S)
     mesh_devices = getattr(mesh, "devices", None)  # None: an AbstractMesh
     platform = jax.default_backend() if mesh_devices is None else mesh_devices.flat[0].platform
     ragged = exchange == "ragged" or (exchange == "auto" and platform != "cpu")
@@ -210,20 +198,8 @@ def _plan(
 
 
 def _route(plan: _Plan, config: MoEConfig, router, routed):
-    logits = jnp.einsum("gsd,de->gse", routed.astype(jnp.float32), router.astype(jnp.float32))
-    probs = R.router_probabilities(logits)
-    routing = R.token_choice(
-        probs, config.num_experts_per_token, capacity=plan.capacity,
-        renormalize=config.renormalize, priority=config.priority,
-    )  # fmt: skip
-    stats = R.router_stats(probs, routing)
-    aux = moe_layer.MoEAux(
-        R.load_balancing_loss(probs, routing.experts),
-        R.router_z_loss(logits),
-        stats["load"],
-        stats["dropped"],
-        stats["entropy"],
-    )
+    logits = moe_layer.router_logits(router, routed)
+    routing, aux = moe_layer.route_tokens(config, logits, plan.capacity)
     # every device holds as many groups (and tokens): the mean of means is the mean
     return routing, jax.tree.map(lambda a: jax.lax.pmean(a, plan.token_axes), aux)
 

@@ -124,6 +124,15 @@ def check_k(k: int, num_experts: int) -> None:
         )
 
 
+def check_capacity_factor(capacity_factor: float) -> None:
+    if not capacity_factor > 0:
+        raise ConfigError(
+            f"capacity_factor must be > 0, got {capacity_factor}",
+            where="capacity_factor",
+            fix="use e.g. 1.25, or capacity_factor=None for dropless routing",
+        )
+
+
 def expert_capacity(
     group_size: int,
     num_experts: int,
@@ -141,12 +150,7 @@ def expert_capacity(
     multiple of ``multiple_of`` (hardware-friendly sizes, e.g. 4 or 128) and
     is at least ``minimum``.
     """
-    if not capacity_factor > 0:
-        raise ConfigError(
-            f"capacity_factor must be > 0, got {capacity_factor}",
-            where="capacity_factor",
-            fix="use e.g. 1.25, or capacity_factor=None for dropless routing",
-        )
+    check_capacity_factor(capacity_factor)
     raw = capacity_factor * group_size * k / num_experts
     slots = {"ceil": math.ceil, "floor": math.floor, "round": round}[rounding](raw)
     slots = -(-slots // multiple_of) * multiple_of
