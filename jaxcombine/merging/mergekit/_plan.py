@@ -135,16 +135,22 @@ class MergePlan:
         return describe_plan(self)
 
 
-def _read_config(path: Path) -> dict:
+def read_model_config(path: Path, where: str | None = None) -> dict:
+    """The ``config.json`` object of a model directory (a :class:`CheckpointError` otherwise)."""
     file = path / "config.json"
     if not file.is_file():
         raise CheckpointError(
-            "config.json is missing", where=str(path), fix="point at a Hugging Face model directory"
+            "config.json is missing",
+            where=where or str(path),
+            fix="point at a Hugging Face model directory",
         )
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"invalid JSON ({e})", where=str(file)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError("config.json does not hold a JSON object", where=str(file))
+    return config
 
 
 def _config_layers(config: dict) -> int | None:
@@ -155,7 +161,7 @@ def _config_layers(config: dict) -> int | None:
 
 
 def _index_model(ref: str, path: Path) -> ModelFiles:
-    config = _read_config(path)
+    config = read_model_config(path)
     files = ModelFiles(ref, path, config, SafetensorsCheckpoint(path))
     prefixes = set()
     for name in files.checkpoint.infos:

@@ -3,15 +3,14 @@ tensor listed, no tensor data read."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from jaxcombine.errors import CheckpointError, ConfigError, TensorError, UnsupportedModelError
 from jaxcombine.hf._safetensors import SafetensorsCheckpoint
 from jaxcombine.merging.mergekit._config import _dtype, _dtype_name
+from jaxcombine.merging.mergekit._plan import read_model_config
 from jaxcombine.moe.mergekit._config import PROMPT_MODES, MoEMergeConfig
 from jaxcombine.moe.mergekit._routers import _prompt_ids
 
@@ -83,21 +82,6 @@ class MoEPlan:
                 source = t.model if t.tensor == t.name else f"{t.model}:{t.tensor}"
             lines.append(f"{t.name:<{width}}  {shape:>10}  <- {source}")
         return "\n".join(lines)
-
-
-def _read_config(path: Path, where: str) -> dict:
-    file = path / "config.json"
-    if not file.is_file():
-        raise CheckpointError(
-            "config.json is missing", where=where, fix="point at a Hugging Face model directory"
-        )
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"invalid JSON ({e})", where=str(file)) from None
-    if not isinstance(config, dict):
-        raise CheckpointError("config.json does not hold a JSON object", where=str(file))
-    return config
 
 
 def _int(config: dict, key: str, where: str) -> int:
@@ -214,7 +198,7 @@ def plan_moe(config: MoEMergeConfig, *, allow_all_same: bool = False) -> MoEPlan
             "gate_mode: random, or pass --i-understand-this-is-not-useful-without-training",
         )
     base_where = f"base_model {config.base_model!r}"
-    base_cfg = _read_config(config.base_path, base_where)
+    base_cfg = read_model_config(config.base_path, base_where)
     _check_source_type(base_cfg, config.base_model, base_where, None)
     L = _int(base_cfg, "num_hidden_layers", base_where)
     E = _int(base_cfg, "hidden_size", base_where)
@@ -237,7 +221,7 @@ def plan_moe(config: MoEMergeConfig, *, allow_all_same: bool = False) -> MoEPlan
         for m, expert in enumerate(config.experts):
             where = f"experts[{m}] {expert.source_model!r}"
             if expert.source_model not in checkpoints:
-                cfg = _read_config(expert.path, where)
+                cfg = read_model_config(expert.path, where)
                 _check_source_type(cfg, expert.source_model, where, base_cfg["model_type"])
                 layers = _int(cfg, "num_hidden_layers", where)
                 if layers != L:
