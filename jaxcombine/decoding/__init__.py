@@ -9,6 +9,7 @@ from jaxcombine.decoding._generate import (
     left_pad,
     prefill,
     strip_after_eos,
+    take_cache_rows,
     validate_prompts,
 )
 from jaxcombine.decoding._sampling import Sampling, filter_logits, sample_tokens
@@ -29,6 +30,7 @@ __all__ = [
     "score",
     "score_windows",
     "strip_after_eos",
+    "take_cache_rows",
     "validate_prompts",
     "window_nll",
     "windows_of",

@@ -33,11 +33,31 @@ class DecoderForward:
 
     graphdef: Any
 
-    def __call__(self, params, tokens, mask, cache, last_only=False):
-        out = nnx.merge(self.graphdef, params)(
-            tokens, token_mask=mask, cache=cache, last_only=last_only
+    def outputs(self, params, tokens, mask, cache, last_only=False, dropout_key=None):
+        """The decoder's full :class:`~jaxcombine.models.DecoderOutput` (logits,
+        final hidden states, cache); ``dropout_key`` turns on MC dropout."""
+        return nnx.merge(self.graphdef, params)(
+            tokens, token_mask=mask, cache=cache, last_only=last_only, dropout_key=dropout_key
         )
+
+    def __call__(self, params, tokens, mask, cache, last_only=False):
+        out = self.outputs(params, tokens, mask, cache, last_only)
         return out.logits, out.cache
+
+    @staticmethod
+    def take_rows(cache, rows):
+        """The cache of batch rows ``rows`` [B'] (beam search reorders beams with it)."""
+        return take_cache_rows(cache, rows)
+
+
+def take_cache_rows(cache, rows):
+    """Rows ``rows`` of a :class:`~jaxcombine.models.KVCache` (``next_index`` is shared)."""
+    return cache._replace(
+        keys=tuple(k[rows] for k in cache.keys),
+        values=tuple(v[rows] for v in cache.values),
+        key_valid=cache.key_valid[rows],
+        next_position=cache.next_position[rows],
+    )
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcombine import tree
-from jaxcombine.decoding import DecoderForward, Sampling, generate_with
+from jaxcombine.decoding import DecoderForward, Sampling, generate_with, take_cache_rows
 from jaxcombine.ensemble._rules import Combination
 from jaxcombine.errors import ConfigError
 from jaxcombine.models import Decoder, DecoderConfig, init_cache
@@ -42,9 +42,20 @@ class StackedForward:
         one = DecoderForward(self.graphdef)
         return jax.vmap(lambda p, c: one(p, tokens, mask, c, last_only))(params, cache)
 
+    def member_outputs(self, params, tokens, mask, cache, last_only=False):
+        """Every member's :class:`~jaxcombine.models.DecoderOutput`, stacked on axis 0
+        (logits [N, B, T, V], final hidden states [N, B, T, E], caches)."""
+        one = DecoderForward(self.graphdef)
+        return jax.vmap(lambda p, c: one.outputs(p, tokens, mask, c, last_only))(params, cache)
+
     def __call__(self, params, tokens, mask, cache, last_only=False):
         logits, cache = self.members(params, tokens, mask, cache, last_only)
         return self.combination(logits), cache
+
+    @staticmethod
+    def take_rows(cache, rows):
+        """Rows ``rows`` of every member's cache (stacked on axis 0)."""
+        return jax.vmap(take_cache_rows, in_axes=(0, None))(cache, rows)
 
 
 def check_same_architecture(configs: Sequence[DecoderConfig], names=None) -> None:
