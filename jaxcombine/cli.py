@@ -3,7 +3,8 @@
     jaxcombine generate --model DIR [--model DIR ...] (--prompt TEXT | --prompt-ids 1,2,3)
             [--max-new-tokens N] [--greedy | --temperature T --top-k K --top-p P --seed S]
             [--combine linear|loglinear|logits|contrastive --weights 0.7,0.3 --alpha A] [--json]
-    jaxcombine score --model DIR --text-file F [--json]
+    jaxcombine score --model DIR [--model DIR ...] --text-file F
+            [--combine ... --weights ... --alpha A] [--window W] [--json]
     jaxcombine merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
             [--dry-run] [--overwrite] [--quiet] [--json]
     jaxcombine extract-lora --model DIR --base DIR --out DIR --max-rank R [--overwrite]
@@ -138,23 +139,30 @@ def cmd_generate(args) -> dict:
 
 def cmd_score(args) -> dict:
     from jaxcombine.decoding import score
-    from jaxcombine.hf import load_tokenizer
+    from jaxcombine.hf import load_config, load_tokenizer
 
     path = Path(args.text_file)
     if not path.is_file():
         raise InputError(
             "text file does not exist", where=str(path), fix="pass the path of a UTF-8 text file"
         )
-    model_dir = _single_model(args)
-    ids = load_tokenizer(model_dir).encode(path.read_text(encoding="utf-8")).ids
+    configs = [load_config(d) for d in args.model]  # cheap: check before loading weights
+    combination = _combination(args, configs)
+    ids = load_tokenizer(args.model[0]).encode(path.read_text(encoding="utf-8")).ids
     if len(ids) < 2:
         raise InputError(
             f"need at least 2 tokens to score, got {len(ids)}",
             where=str(path),
             fix="score a longer text",
         )
-    model = _load(args, model_dir)
-    result = score(model, ids, window=args.window, batch_size=args.batch_size)
+    options = dict(window=args.window, batch_size=args.batch_size)
+    if len(args.model) == 1:
+        result = score(_load(args), ids, **options)
+    else:
+        from jaxcombine.ensemble import score_ensemble
+
+        members = [_load(args, d) for d in args.model]
+        result = score_ensemble(members, ids, combination, **options)
     return {
         "tokens": len(ids),
         "predicted_tokens": result.count,
@@ -225,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=_DTYPES, help="compute dtype (default: checkpoint's)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    def ensemble_args(p):  # generate and score: several --model combined per token
+        p.add_argument(
+            "--combine", choices=("linear", "loglinear", "logits", "contrastive"),
+            default="linear", help="how several --model are combined per token (default: linear)",
+        )  # fmt: skip
+        p.add_argument("--weights", help="one weight per --model, comma-separated (default: equal)")
+        p.add_argument("--alpha", type=float, default=0.1, help="contrastive plausibility cut-off")
+
     gen = sub.add_parser("generate", help="continue prompts with a model")
     model_args(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
@@ -236,12 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument(
-        "--combine", choices=("linear", "loglinear", "logits", "contrastive"), default="linear",
-        help="how several --model are combined per token (default: linear)",
-    )  # fmt: skip
-    gen.add_argument("--weights", help="one weight per --model, comma-separated (default: equal)")
-    gen.add_argument("--alpha", type=float, default=0.1, help="contrastive plausibility cut-off")
+    ensemble_args(gen)
     gen.set_defaults(run=cmd_generate)
 
     sc = sub.add_parser("score", help="NLL and perplexity of a text file")
@@ -254,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per window (default: the model's context length)",
     )
     sc.add_argument("--batch-size", type=int, default=8)
+    ensemble_args(sc)
     sc.set_defaults(run=cmd_score)
 
     def writer_args(p):  # merge and moe: write a model directory from a YAML plan

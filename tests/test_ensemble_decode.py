@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from jaxcombine.decoding import generate
-from jaxcombine.ensemble import Combination, StackedForward, generate_ensemble, stack_members
+from jaxcombine.decoding import generate, score
+from jaxcombine.ensemble import (
+    Combination,
+    StackedForward,
+    generate_ensemble,
+    score_ensemble,
+    stack_members,
+)
 from jaxcombine.errors import ConfigError
-from jaxcombine.hf import load_model
+from jaxcombine.hf import load_model, load_tokenizer
 from tests import hf_models
 
 
@@ -167,12 +173,61 @@ def test_cli_bad_ensembles_fail_before_loading(members, capsys, monkeypatch, ext
     assert code == 2 and re.search(message, err)
 
 
-def test_cli_score_takes_one_model(members, tmp_path, capsys):
+def reference_ensemble_nll(refs, ids, rule, weights, window):
+    """Summed NLL and count: transformers models run window by window, combined per
+    position with the numpy rule."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        chunk = ids[start : start + window]
+        if len(chunk) < 2:
+            continue
+        with torch.no_grad():
+            logits = np.stack([r(torch.tensor([chunk])).logits[0].numpy() for r in refs])
+        for t in range(len(chunk) - 1):
+            total -= reference_rule(rule, logits[:, t], weights)[chunk[t + 1]]
+            count += 1
+    return total, count
+
+
+@pytest.mark.parametrize(
+    "rule,weights", [("linear", (0.6, 0.4)), ("loglinear", (0.5, 0.3, 0.2)), ("linear", None)]
+)
+def test_cli_score_of_an_ensemble_equals_the_reference_nll(
+    members, tmp_path, capsys, rule, weights
+):
+    n = 2 if weights is None else len(weights)
+    text = " ".join(hf_models.CORPUS * 2)  # several context windows of 64 tokens
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(text)
+    ids = load_tokenizer(members[0]).encode(text).ids
+    refs = [hf_models.load_reference(p) for p in members[:n]]
+    total, count = reference_ensemble_nll(refs, ids, rule, weights or (1 / n,) * n, window=64)
+    argv = ["score", "--text-file", str(text_file), "--combine", rule, "--json"]
+    for path in members[:n]:
+        argv += ["--model", str(path)]
+    if weights:
+        argv += ["--weights", ",".join(map(str, weights))]
+    code, result = run_cli(argv, capsys)
+    assert code == 0, result
+    assert result["predicted_tokens"] == count and count > 64
+    assert abs(result["nll"] - total / count) <= 1e-5 * (total / count)
+    # The library call agrees, and a one-member "ensemble" scores as the model.
+    models = [load_model(p) for p in members[:n]]
+    ensemble = score_ensemble(models, ids, Combination(rule, weights), window=64)
+    assert ensemble.count == count and ensemble.nll == pytest.approx(total / count, rel=1e-5)
+    alone = score_ensemble(models[:1], ids, Combination(rule), window=64)
+    assert alone.nll == pytest.approx(score(models[0], ids, window=64).nll, rel=1e-6)
+
+
+def test_cli_score_bad_weights_fail_before_loading(members, tmp_path, capsys, monkeypatch):
+    from jaxcombine import hf
+
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox.")
     argv = ["score", "--model", str(members[0]), "--model", str(members[1])]
-    code, err = run_cli(argv + ["--text-file", str(text)], capsys)
-    assert code == 2 and "one --model" in err
+    code, err = run_cli(argv + ["--text-file", str(text), "--weights", "1,2,3"], capsys)
+    assert code == 2 and "3 weights for 2 members" in err
 
 
 def test_cli_members_of_different_architectures_fail_before_loading(

@@ -13,7 +13,15 @@ from jaxcombine.decoding._generate import (
     validate_prompts,
 )
 from jaxcombine.decoding._sampling import Sampling, filter_logits, sample_tokens
-from jaxcombine.decoding._score import Score, score, score_windows, window_nll, windows_of
+from jaxcombine.decoding._score import (
+    Score,
+    score,
+    score_windows,
+    score_with,
+    scoring_windows,
+    window_nll,
+    windows_of,
+)
 
 __all__ = [
     "DecoderForward",
@@ -29,6 +37,8 @@ __all__ = [
     "sample_tokens",
     "score",
     "score_windows",
+    "score_with",
+    "scoring_windows",
     "strip_after_eos",
     "take_cache_rows",
     "validate_prompts",

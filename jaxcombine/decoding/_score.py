@@ -71,19 +71,10 @@ def score_windows(forward, params, windows: list[list[int]], width: int, batch_s
     return Score(total, count)
 
 
-def score(
-    model: Decoder, ids: Sequence[int], *, window: int | None = None, batch_size: int = 8
-) -> Score:
-    """NLL of ``ids`` under ``model``, in windows of the context length.
-
-    Example::
-
-        s = score(model, tokenizer.encode(text).ids)
-        print(s.nll, s.ppl)
-    """
-    config = model.config
-    window = window or config.max_position_embeddings
-    windows = windows_of(ids, window)
+def scoring_windows(config, ids: Sequence[int], window: int | None) -> list[list[int]]:
+    """``ids`` cut into windows for :func:`score_windows`, with clear errors for
+    texts too short to score and ids outside ``config``'s vocabulary."""
+    windows = windows_of(ids, window or config.max_position_embeddings)
     if not windows:
         raise InputError(
             f"need at least 2 tokens to score, got {len(ids)}",
@@ -97,8 +88,27 @@ def score(
             where="text",
             fix="use the model's own tokenizer",
         )
+    return windows
+
+
+def score_with(forward, params, config, ids, *, window=None, batch_size=8) -> Score:
+    """:func:`score` for any ``forward`` (one model, an ensemble, ...)."""
+    windows = scoring_windows(config, ids, window)
+    width = max(len(c) for c in windows)
+    return score_windows(forward, params, windows, width, min(batch_size, len(windows)))
+
+
+def score(
+    model: Decoder, ids: Sequence[int], *, window: int | None = None, batch_size: int = 8
+) -> Score:
+    """NLL of ``ids`` under ``model``, in windows of the context length.
+
+    Example::
+
+        s = score(model, tokenizer.encode(text).ids)
+        print(s.nll, s.ppl)
+    """
     graphdef, params = nnx.split(model)
-    width = min(window, max(len(c) for c in windows))
-    return score_windows(
-        DecoderForward(graphdef), params, windows, width, min(batch_size, len(windows))
+    return score_with(
+        DecoderForward(graphdef), params, model.config, ids, window=window, batch_size=batch_size
     )

@@ -14,6 +14,7 @@ from jaxcombine.ensemble._stacked import (
     StackedForward,
     check_same_architecture,
     generate_ensemble,
+    score_ensemble,
     stack_members,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "linear",
     "logit_arithmetic",
     "loglinear",
+    "score_ensemble",
     "stack_members",
 ]

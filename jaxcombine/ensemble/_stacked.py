@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcombine import tree
-from jaxcombine.decoding import DecoderForward, Sampling, generate_with, take_cache_rows
+from jaxcombine.decoding import (
+    DecoderForward,
+    Sampling,
+    Score,
+    generate_with,
+    score_with,
+    take_cache_rows,
+)
 from jaxcombine.ensemble._rules import Combination
 from jaxcombine.errors import ConfigError
 from jaxcombine.models import Decoder, DecoderConfig, init_cache
@@ -125,4 +132,28 @@ def generate_ensemble(
         StackedForward(graphdef, combination), params, config, prompts,
         make_cache=make_cache, max_new_tokens=max_new_tokens, sampling=sampling,
         eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, seed=seed,
+    )  # fmt: skip
+
+
+def score_ensemble(
+    models: Sequence[Decoder],
+    ids: Sequence[int],
+    combination: Combination = _UNIFORM_LINEAR,
+    *,
+    window: int | None = None,
+    batch_size: int = 8,
+) -> Score:
+    """NLL of ``ids`` under the members' combined distribution, window by window
+    as :func:`jaxcombine.decoding.score`: ``-sum_t log p_ens(x_t | x_<t)``, where
+    ``p_ens`` is ``combination`` of the members' next-token distributions.
+
+    Example::
+
+        score_ensemble(members, tokenizer.encode(text).ids, Combination("loglinear"))
+    """
+    combination.check_members(len(models))
+    graphdef, params = stack_members(models)
+    return score_with(
+        StackedForward(graphdef, combination), params, models[0].config, ids,
+        window=window, batch_size=batch_size,
     )  # fmt: skip
