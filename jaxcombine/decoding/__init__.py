@@ -1,15 +1,23 @@
-"""Decoding and scoring: sampling rules, the jitted decode loop, windowed NLL."""
+"""Decoding and scoring: sampling rules, the prefill (and prefix-state reuse),
+the jitted decode loop, windowed NLL."""
 
-from jaxcombine.decoding._generate import (
+from jaxcombine.decoding._beam import beam_search, check_beams
+from jaxcombine.decoding._decodable import (
+    Decodable,
     DecoderForward,
-    bucket_length,
-    decode_loop,
-    generate,
-    generate_with,
-    left_pad,
-    prefill,
-    strip_after_eos,
+    pad_cache_slots,
     take_cache_rows,
+)
+from jaxcombine.decoding._generate import decode_loop, generate, strip_after_eos
+from jaxcombine.decoding._prefill import (
+    PrefixState,
+    bucket_length,
+    left_pad,
+    load_prefix,
+    prefill,
+    prefill_prefix,
+    save_prefix,
+    start_from_prefix,
     validate_prompts,
 )
 from jaxcombine.decoding._sampling import Sampling, filter_logits, sample_tokens
@@ -24,21 +32,29 @@ from jaxcombine.decoding._score import (
 )
 
 __all__ = [
+    "Decodable",
     "DecoderForward",
+    "PrefixState",
     "Sampling",
     "Score",
+    "beam_search",
     "bucket_length",
+    "check_beams",
     "decode_loop",
     "filter_logits",
     "generate",
-    "generate_with",
     "left_pad",
+    "load_prefix",
+    "pad_cache_slots",
     "prefill",
+    "prefill_prefix",
     "sample_tokens",
+    "save_prefix",
     "score",
     "score_windows",
     "score_with",
     "scoring_windows",
+    "start_from_prefix",
     "strip_after_eos",
     "take_cache_rows",
     "validate_prompts",

@@ -1,18 +1,13 @@
 """Jitted autoregressive decoding: a prefill, then one ``lax.while_loop`` of steps.
 
-The loop is written against a *forward function* ``forward(params, tokens,
-mask, cache) -> (logits [B, T, V], cache)``, so one model, a stack of
-vmapped members or any combination of models decode through the same code.
-:class:`DecoderForward` is the forward of one NNX decoder; it is split once
-(``nnx.split``) and only its graph definition is static under ``jax.jit``.
-
-Prompts of different lengths are left-padded to a length bucket (a power of
-two, at least 16), so new prompt lengths reuse compiled code.
+The loop is written against a *forward* (:mod:`._decodable`), so one model, a
+stack of vmapped members or any combination of models decode through the
+same code; the decoder is split once (``nnx.split``) and only its graph
+definition is static under ``jax.jit``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -20,61 +15,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from jaxcombine.decoding._beam import beam_search, check_beams
+from jaxcombine.decoding._decodable import Decodable
+from jaxcombine.decoding._prefill import (
+    PrefixState,
+    bucket_length,
+    check_prefix,
+    left_pad,
+    prefill,
+    start_from_prefix,
+    validate_prompts,
+)
 from jaxcombine.decoding._sampling import Sampling, sample_tokens
 from jaxcombine.errors import InputError
-from jaxcombine.models import Decoder, init_cache
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderForward:
-    """``forward(params, tokens, mask, cache, last_only)`` of one split :class:`Decoder`."""
-
-    graphdef: Any
-
-    def outputs(self, params, tokens, mask, cache, last_only=False, dropout_key=None):
-        """The decoder's full :class:`~jaxcombine.models.DecoderOutput` (logits,
-        final hidden states, cache); ``dropout_key`` turns on MC dropout."""
-        return nnx.merge(self.graphdef, params)(
-            tokens, token_mask=mask, cache=cache, last_only=last_only, dropout_key=dropout_key
-        )
-
-    def __call__(self, params, tokens, mask, cache, last_only=False):
-        out = self.outputs(params, tokens, mask, cache, last_only)
-        return out.logits, out.cache
-
-    @staticmethod
-    def take_rows(cache, rows):
-        """The cache of batch rows ``rows`` [B'] (beam search reorders beams with it)."""
-        return take_cache_rows(cache, rows)
-
-
-def take_cache_rows(cache, rows):
-    """Rows ``rows`` of a :class:`~jaxcombine.models.KVCache` (``next_index`` is shared)."""
-    return cache._replace(
-        keys=tuple(k[rows] for k in cache.keys),
-        values=tuple(v[rows] for v in cache.values),
-        key_valid=cache.key_valid[rows],
-        next_position=cache.next_position[rows],
-    )
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
-    """Prompts as left-padded ``tokens`` [B, length] int32 and ``mask`` [B, length] bool."""
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            tokens[row, length - len(prompt) :] = prompt
-            mask[row, length - len(prompt) :] = True
-    return tokens, mask
-
+from jaxcombine.models import Decoder
 
 GREEDY = Sampling()
 
@@ -86,13 +41,6 @@ class _LoopState(NamedTuple):
     done: jax.Array  # [B] bool
     cache: Any
     key: jax.Array
-
-
-@partial(jax.jit, static_argnames=("forward",))
-def prefill(forward, params, tokens, mask, cache):
-    """Run the prompt through ``forward``; logits of the last position [B, V] and the cache."""
-    logits, cache = forward(params, tokens, mask, cache, last_only=True)
-    return logits[:, -1], cache
 
 
 @partial(jax.jit, static_argnames=("forward", "max_new_tokens", "sampling"))
@@ -144,32 +92,6 @@ def decode_loop(
     return final.tokens
 
 
-def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int) -> None:
-    """Non-empty prompts of in-vocabulary ids that fit the context (an :class:`InputError`)."""
-    if not prompts:
-        raise InputError("no prompts given", where="prompts", fix="pass at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise InputError(
-                "prompt is empty",
-                where=f"prompt {i}",
-                fix="give at least one token (a BOS token is enough)",
-            )
-        if len(prompt) > context:
-            raise InputError(
-                f"prompt has {len(prompt)} tokens, more than the model's context of {context}",
-                where=f"prompt {i}",
-                fix="shorten the prompt",
-            )
-        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise InputError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
-                where=f"prompt {i}",
-                fix="check the tokenizer matches the model",
-            )
-
-
 def strip_after_eos(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     """Tokens up to and including the first EOS."""
     out = []
@@ -181,7 +103,7 @@ def strip_after_eos(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
 
 
 def generate(
-    model: Decoder,
+    model: Decoder | Decodable,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 32,
@@ -189,43 +111,32 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     seed: int = 0,
+    prefix: PrefixState | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt (EOS included, prompt excluded).
 
-    Greedy by default, as ``transformers`` ``generate(do_sample=False)``.
+    Greedy by default, as ``transformers`` ``generate(do_sample=False)``;
+    ``num_beams=K > 1`` is beam search (:func:`~jaxcombine.decoding.beam_search`),
+    as ``generate(num_beams=K, do_sample=False, length_penalty=length_penalty)``.
+    ``model`` is a decoder or any :class:`Decodable` (an ensemble). With
+    ``prefix`` (:func:`~jaxcombine.decoding.prefill_prefix`), each prompt
+    continues the prefix, whose state is reused rather than recomputed; a
+    prompt may then be empty.
 
     Example::
 
         model = jaxcombine.hf.load_model("tiny-llama")
         generate(model, [[1, 15, 27], [1, 9]], max_new_tokens=8)
     """
-    graphdef, params = nnx.split(model)
-    dtype = model.embed_tokens.embedding.get_value().dtype
-    return generate_with(
-        DecoderForward(graphdef), params, model.config, prompts,
-        make_cache=lambda batch, length: init_cache(model.config, batch, length, dtype),
-        max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
-        pad_token_id=pad_token_id, seed=seed,
-    )  # fmt: skip
-
-
-def generate_with(
-    forward,
-    params,
-    config,
-    prompts: Sequence[Sequence[int]],
-    *,
-    make_cache,
-    max_new_tokens: int,
-    sampling: Sampling,
-    eos_token_ids: Sequence[int] | None,
-    pad_token_id: int | None,
-    seed: int,
-) -> list[list[int]]:
-    """:func:`generate` for any ``forward`` (one model, stacked members, ...):
-    ``config`` gives the vocabulary, context and special tokens,
-    ``make_cache(batch, length)`` an empty cache for ``forward``."""
-    validate_prompts(prompts, config.vocab_size, config.max_position_embeddings)
+    check_beams(num_beams, sampling)
+    model = Decodable.of(model)
+    config = model.config
+    if prefix is None:
+        validate_prompts(prompts, config.vocab_size, config.max_position_embeddings)
+    else:
+        check_prefix(model, prefix, prompts, max_new_tokens)
     if max_new_tokens < 1:
         raise InputError(
             f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens"
@@ -236,19 +147,32 @@ def generate_with(
         if pad_token_id is not None
         else (config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0))
     )
-    length = bucket_length(max(len(p) for p in prompts))
-    tokens, mask = left_pad(prompts, length, pad)
-    cache = make_cache(len(prompts), length + max_new_tokens)
-    logits, cache = prefill(forward, params, jnp.asarray(tokens), jnp.asarray(mask), cache)
-    out = decode_loop(
-        forward,
-        params,
-        logits,
-        cache,
-        jax.random.key(seed),
-        jnp.asarray(eos or (-1,), jnp.int32),
-        jnp.int32(pad),
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-    )
+    if prefix is None:
+        length = bucket_length(max(len(p) for p in prompts))
+        tokens, mask = left_pad(prompts, length, pad)
+        cache = model.init_cache(len(prompts), length + max_new_tokens)
+        logits, cache = prefill(
+            model.forward, model.params, jnp.asarray(tokens), jnp.asarray(mask), cache
+        )
+    else:
+        logits, cache = start_from_prefix(model, prefix, prompts, pad, max_new_tokens)
+    eos_ids = jnp.asarray(eos or (-1,), jnp.int32)
+    if num_beams > 1:
+        out = beam_search(
+            model.forward, model.params, logits, cache, eos_ids, jnp.int32(pad),
+            num_beams=num_beams, max_new_tokens=max_new_tokens,
+            length_penalty=float(length_penalty),
+        )  # fmt: skip
+    else:
+        out = decode_loop(
+            model.forward,
+            model.params,
+            logits,
+            cache,
+            jax.random.key(seed),
+            eos_ids,
+            jnp.int32(pad),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+        )
     return [strip_after_eos(row, eos) for row in np.asarray(out)]

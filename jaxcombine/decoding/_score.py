@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcombine.decoding._generate import DecoderForward
+from jaxcombine.decoding._decodable import DecoderForward
 from jaxcombine.errors import InputError
 from jaxcombine.models import Decoder
 

@@ -16,6 +16,7 @@ from jaxcombine.ensemble._stacked import (
     generate_ensemble,
     score_ensemble,
     stack_members,
+    stacked,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "loglinear",
     "score_ensemble",
     "stack_members",
+    "stacked",
 ]

@@ -21,10 +21,14 @@ from flax import nnx
 
 from jaxcombine import tree
 from jaxcombine.decoding import (
+    Decodable,
     DecoderForward,
+    PrefixState,
     Sampling,
     Score,
-    generate_with,
+    check_beams,
+    generate,
+    pad_cache_slots,
     score_with,
     take_cache_rows,
 )
@@ -60,9 +64,21 @@ class StackedForward:
         return self.combination(logits), cache
 
     @staticmethod
+    def init_cache(params, config, batch, length, dtype):
+        """Every member's empty cache, stacked on axis 0."""
+        N = jax.tree.leaves(params)[0].shape[0]
+        empty = init_cache(config, batch, length, dtype)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (N, *x.shape)), empty)
+
+    @staticmethod
     def take_rows(cache, rows):
         """Rows ``rows`` of every member's cache (stacked on axis 0)."""
         return jax.vmap(take_cache_rows, in_axes=(0, None))(cache, rows)
+
+    @staticmethod
+    def pad_slots(cache, extra: int):
+        """Every member's cache with ``extra`` empty slots appended."""
+        return jax.vmap(lambda c: pad_cache_slots(c, extra))(cache)
 
 
 def check_same_architecture(configs: Sequence[DecoderConfig], names=None) -> None:
@@ -96,6 +112,21 @@ def stack_members(models: Sequence[Decoder]) -> tuple[Any, Any]:
     return splits[0][0], tree.stack(params)
 
 
+def stacked(models: Sequence[Decoder], combination: Combination = _UNIFORM_LINEAR) -> Decodable:
+    """Members of one architecture as one :class:`~jaxcombine.decoding.Decodable`:
+    their parameters stacked, their forward vmapped, their logits combined.
+
+    Example::
+
+        ensemble = stacked(members, Combination("loglinear"))
+        state = prefill_prefix(ensemble, system_prompt_ids)
+    """
+    combination.check_members(len(models))
+    graphdef, params = stack_members(models)
+    dtype = models[0].embed_tokens.embedding.get_value().dtype
+    return Decodable(StackedForward(graphdef, combination), params, models[0].config, dtype)
+
+
 def generate_ensemble(
     models: Sequence[Decoder],
     prompts: Sequence[Sequence[int]],
@@ -106,32 +137,27 @@ def generate_ensemble(
     eos_token_ids: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     seed: int = 0,
+    prefix: PrefixState | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Continue each prompt with the members' combined next-token distribution.
 
     Members of one architecture are stacked and decoded together in one
-    jitted loop (:class:`StackedForward`). Returns the new tokens per prompt.
+    jitted loop (:class:`StackedForward`), greedy, sampled or with
+    ``num_beams`` beams. Returns the new tokens per prompt.
+    ``prefix``: a state from ``prefill_prefix(stacked(models, combination), ids)``.
 
     Example::
 
         members = [load_model(d) for d in ("run-a", "run-b", "run-c")]
         generate_ensemble(members, [[1, 15, 27]], Combination("loglinear"))
     """
-    combination.check_members(len(models))
-    graphdef, params = stack_members(models)
-    config = models[0].config
-    dtype = models[0].embed_tokens.embedding.get_value().dtype
-    N = len(models)
-
-    def make_cache(batch, length):
-        return jax.tree.map(
-            lambda x: jnp.broadcast_to(x, (N, *x.shape)), init_cache(config, batch, length, dtype)
-        )
-
-    return generate_with(
-        StackedForward(graphdef, combination), params, config, prompts,
-        make_cache=make_cache, max_new_tokens=max_new_tokens, sampling=sampling,
-        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, seed=seed,
+    check_beams(num_beams, sampling)  # before the members are stacked
+    return generate(
+        stacked(models, combination), prompts, max_new_tokens=max_new_tokens,
+        sampling=sampling, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, seed=seed,
+        prefix=prefix, num_beams=num_beams, length_penalty=length_penalty,
     )  # fmt: skip
 
 
@@ -151,9 +177,8 @@ def score_ensemble(
 
         score_ensemble(members, tokenizer.encode(text).ids, Combination("loglinear"))
     """
-    combination.check_members(len(models))
-    graphdef, params = stack_members(models)
+    ensemble = stacked(models, combination)
     return score_with(
-        StackedForward(graphdef, combination), params, models[0].config, ids,
+        ensemble.forward, ensemble.params, ensemble.config, ids,
         window=window, batch_size=batch_size,
     )  # fmt: skip

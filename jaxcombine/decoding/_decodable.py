@@ -1,0 +1,133 @@
+"""What the decoding functions need of "a model": one decoder, stacked members,
+any combination of models.
+
+A :class:`Decodable` bundles a static *forward* with its parameters, the
+config that gives vocabulary, context and special tokens, and the cache dtype.
+The forward is hashable (a static ``jax.jit`` argument) and implements
+
+    forward(params, tokens [B, T], mask [B, T], cache, last_only=False)
+        -> (logits [B, T, V], cache)
+    forward.init_cache(params, config, batch, length, dtype) -> an empty cache
+    forward.take_rows(cache, rows [B'])   -> the cache of those batch rows
+    forward.pad_slots(cache, extra)       -> the cache with ``extra`` empty slots
+
+(:class:`~jaxcombine.decoding.DecoderForward` for one decoder,
+:class:`~jaxcombine.ensemble.StackedForward` for stacked members). Prefix
+reuse, speculative decoding and cascades are written against this protocol,
+so each works for a single model and for an ensemble alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcombine.models import Decoder, DecoderConfig, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderForward:
+    """``forward(params, tokens, mask, cache, last_only)`` of one split :class:`Decoder`."""
+
+    graphdef: Any
+
+    def outputs(self, params, tokens, mask, cache, last_only=False, dropout_key=None):
+        """The decoder's full :class:`~jaxcombine.models.DecoderOutput` (logits,
+        final hidden states, cache); ``dropout_key`` turns on MC dropout."""
+        return nnx.merge(self.graphdef, params)(
+            tokens, token_mask=mask, cache=cache, last_only=last_only, dropout_key=dropout_key
+        )
+
+    def __call__(self, params, tokens, mask, cache, last_only=False):
+        out = self.outputs(params, tokens, mask, cache, last_only)
+        return out.logits, out.cache
+
+    @staticmethod
+    def init_cache(params, config, batch, length, dtype):
+        """An empty cache of ``batch`` rows and ``length`` slots."""
+        del params
+        return init_cache(config, batch, length, dtype)
+
+    @staticmethod
+    def take_rows(cache, rows):
+        """The cache of batch rows ``rows`` [B'] (beam search reorders beams with it)."""
+        return take_cache_rows(cache, rows)
+
+    @staticmethod
+    def pad_slots(cache, extra: int):
+        """The cache with ``extra`` empty slots appended to every row."""
+        return pad_cache_slots(cache, extra)
+
+
+def take_cache_rows(cache, rows):
+    """Rows ``rows`` of a :class:`~jaxcombine.models.KVCache` (``next_index`` is shared)."""
+    return cache._replace(
+        keys=tuple(k[rows] for k in cache.keys),
+        values=tuple(v[rows] for v in cache.values),
+        key_valid=cache.key_valid[rows],
+        next_position=cache.next_position[rows],
+    )
+
+
+def pad_cache_slots(cache, extra: int):
+    """A :class:`~jaxcombine.models.KVCache` with ``extra`` invalid slots appended."""
+
+    def pad(x):
+        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+
+    return cache._replace(
+        keys=tuple(pad(k) for k in cache.keys),
+        values=tuple(pad(v) for v in cache.values),
+        key_valid=pad(cache.key_valid),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decodable:
+    """A forward, its parameters, its config and its cache dtype."""
+
+    forward: Any
+    params: Any
+    config: DecoderConfig
+    dtype: Any = jnp.float32
+
+    @classmethod
+    def of(cls, model: Decoder | Decodable) -> Decodable:
+        """``model`` itself if already decodable, else the split decoder."""
+        if isinstance(model, Decodable):
+            return model
+        graphdef, params = nnx.split(model)
+        dtype = model.embed_tokens.embedding.get_value().dtype
+        return cls(DecoderForward(graphdef), params, model.config, dtype)
+
+    def init_cache(self, batch: int, length: int):
+        return self.forward.init_cache(self.params, self.config, batch, length, self.dtype)
+
+    def fingerprint(self) -> str:
+        """A short hash of the forward's type, the config and every parameter's
+        shape and sum: what a saved prefix state is checked against."""
+        sums = jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x, dtype=jnp.float32), p))(
+            self.params
+        )
+        leaves = jax.tree.leaves_with_path(sums)
+        shapes = [np.shape(x) for x in jax.tree.leaves(self.params)]
+        text = json.dumps(
+            {
+                "forward": type(self.forward).__name__,
+                "combination": repr(getattr(self.forward, "combination", None)),
+                "config": repr(self.config),
+                "leaves": [
+                    (jax.tree_util.keystr(path), f"{float(x):.5e}") for path, x in leaves
+                ],
+                "shapes": [list(s) for s in shapes],
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,231 @@
+"""The prefill: prompts left-padded to a length bucket and run through the model
+in one call, and prefix-state reuse on top of it.
+
+Prompts of different lengths are left-padded to a length bucket (a power of
+two, at least 16), so new prompt lengths reuse compiled code.
+
+Prefix-state reuse. A system prompt or a block of few-shot examples is the same at the start of
+many requests. :func:`prefill_prefix` runs it through the model (every member
+of an ensemble) once and keeps the KV cache of exactly its tokens plus the
+next-token logits after it, a :class:`PrefixState`. A request then starts from
+the state: the cache is copied to every row of the batch, grown by empty slots,
+and only the continuations are prefilled (left-padded, so padding slots sit
+between the prefix and each continuation; they are never valid keys and RoPE
+positions count real tokens only, so the attention sees exactly the tokens of
+``prefix + continuation``). Greedy outputs equal prefilling ``prefix +
+continuation`` from scratch; logits agree to float rounding (the matmuls
+are split differently).
+
+A state can be saved to a directory (Orbax; written under a temporary name
+and renamed when complete) and loaded later against the same model, which is
+checked by a fingerprint of the config and the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcombine.decoding._decodable import Decodable
+from jaxcombine.errors import InputError
+
+_FORMAT = "jaxcombine.prefix_state/1"
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
+    """Prompts as left-padded ``tokens`` [B, length] int32 and ``mask`` [B, length] bool."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, length - len(prompt) :] = prompt
+            mask[row, length - len(prompt) :] = True
+    return tokens, mask
+
+
+@partial(jax.jit, static_argnames=("forward",))
+def prefill(forward, params, tokens, mask, cache):
+    """Run the prompt through ``forward``; logits of the last position [B, V] and the cache."""
+    logits, cache = forward(params, tokens, mask, cache, last_only=True)
+    return logits[:, -1], cache
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int) -> None:
+    """Non-empty prompts of in-vocabulary ids that fit the context (an :class:`InputError`)."""
+    if not prompts:
+        raise InputError("no prompts given", where="prompts", fix="pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise InputError(
+                "prompt is empty",
+                where=f"prompt {i}",
+                fix="give at least one token (a BOS token is enough)",
+            )
+        if len(prompt) > context:
+            raise InputError(
+                f"prompt has {len(prompt)} tokens, more than the model's context of {context}",
+                where=f"prompt {i}",
+                fix="shorten the prompt",
+            )
+        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise InputError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
+                where=f"prompt {i}",
+                fix="check the tokenizer matches the model",
+            )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PrefixState:
+    """The model's state after ``tokens``: a one-row cache of ``len(tokens)`` slots
+    and the next-token logits [1, V]; ``fingerprint`` names the model that made it."""
+
+    tokens: tuple[int, ...]
+    cache: Any
+    logits: jax.Array
+    fingerprint: str
+
+
+def prefill_prefix(model, tokens: Sequence[int]) -> PrefixState:
+    """Run ``tokens`` through ``model`` (a :class:`~jaxcombine.models.Decoder` or a
+    :class:`Decodable`, e.g. an ensemble) once; the state later requests start from.
+
+    Example::
+
+        system = prefill_prefix(model, tokenizer.encode(SYSTEM_PROMPT).ids)
+        generate(model, [tokenizer.encode(q, add_special_tokens=False).ids for q in questions],
+                 prefix=system)
+    """
+    model = Decodable.of(model)
+    tokens = tuple(int(t) for t in tokens)
+    validate_prompts([tokens], model.config.vocab_size, model.config.max_position_embeddings)
+    ids = jnp.asarray([tokens], jnp.int32)
+    cache = model.init_cache(1, len(tokens))
+    logits, cache = prefill(model.forward, model.params, ids, jnp.ones_like(ids, bool), cache)
+    return PrefixState(tokens, cache, logits, model.fingerprint())
+
+
+def check_prefix(model: Decodable, prefix: PrefixState, prompts, max_new_tokens: int) -> None:
+    """Clear errors for a prefix state of another model or requests that do not fit."""
+    if prefix.fingerprint != model.fingerprint():
+        raise InputError(
+            "the prefix state was made by a different model (or ensemble, or rule)",
+            where="prefix",
+            fix="prefill the prefix with the model you generate with",
+        )
+    context = model.config.max_position_embeddings
+    for i, prompt in enumerate(prompts):
+        total = len(prefix.tokens) + len(prompt) + max_new_tokens
+        if total > context:
+            raise InputError(
+                f"prefix ({len(prefix.tokens)}) + prompt ({len(prompt)}) + new tokens "
+                f"({max_new_tokens}) = {total} exceed the model's context of {context}",
+                where=f"prompt {i}",
+                fix="shorten the prompt or generate fewer tokens",
+            )
+        bad = [t for t in prompt if not 0 <= int(t) < model.config.vocab_size]
+        if bad:
+            raise InputError(
+                f"token ids {bad[:5]} are outside the vocabulary",
+                where=f"prompt {i}",
+                fix="check the tokenizer matches the model",
+            )
+
+
+def start_from_prefix(model: Decodable, prefix: PrefixState, prompts, pad_id: int, slots: int):
+    """First logits [B, V] and cache (``slots`` free slots per row after the
+    prompts) for ``prefix + prompt`` in every row; a prompt may be empty."""
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    cache = model.forward.take_rows(prefix.cache, jnp.zeros((batch,), jnp.int32))
+    logits = jnp.broadcast_to(prefix.logits, (batch, prefix.logits.shape[-1]))
+    if longest == 0:
+        return logits, model.forward.pad_slots(cache, slots)
+    length = bucket_length(longest)
+    cache = model.forward.pad_slots(cache, length + slots)
+    tokens, mask = left_pad(prompts, length, pad_id)
+    suffix_logits, cache = prefill(
+        model.forward, model.params, jnp.asarray(tokens), jnp.asarray(mask), cache
+    )
+    empty = jnp.asarray([len(p) == 0 for p in prompts])[:, None]
+    return jnp.where(empty, logits, suffix_logits), cache
+
+
+def save_prefix(prefix: PrefixState, path) -> Path:
+    """Write ``prefix`` to the directory ``path`` (Orbax, atomic); returns the path."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if path.exists():
+        raise InputError(
+            "the prefix state directory already exists",
+            where=str(path),
+            fix="choose a new path or delete the old state",
+        )
+    meta = {"format": _FORMAT, "tokens": list(prefix.tokens), "fingerprint": prefix.fingerprint}
+    state = {"cache": prefix.cache, "logits": prefix.logits}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(
+            path,
+            ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        )
+    return path
+
+
+def load_prefix(path, model) -> PrefixState:
+    """The prefix state saved at ``path``, checked against ``model`` (a Decoder or
+    :class:`Decodable`) before its arrays are read."""
+    import orbax.checkpoint as ocp
+
+    model = Decodable.of(model)
+    path = Path(path).absolute()
+    if not (path / "meta").is_dir() or not (path / "state").is_dir():
+        raise InputError(
+            "not a saved prefix state (no meta/ and state/ inside)",
+            where=str(path),
+            fix="pass a directory written by jaxcombine.decoding.save_prefix",
+        )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        meta = checkpointer.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if meta.get("format") != _FORMAT:
+            raise InputError(
+                f"unknown prefix state format {meta.get('format')!r}",
+                where=str(path),
+                fix=f"save it again with this version of jaxcombine ({_FORMAT})",
+            )
+        if meta["fingerprint"] != model.fingerprint():
+            raise InputError(
+                "the prefix state was made by a different model (or ensemble, or rule)",
+                where=str(path),
+                fix="load it with the model that saved it, or prefill the prefix again",
+            )
+        tokens = tuple(meta["tokens"])
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        ids = jnp.zeros((1, len(tokens)), jnp.int32)
+        logits, cache = jax.eval_shape(
+            lambda: prefill(
+                model.forward, model.params, ids, ids == 0, model.init_cache(1, len(tokens))
+            )
+        )
+        abstract = {"cache": cache, "logits": logits}
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+        )
+        state = checkpointer.restore(
+            path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        ).state
+    return PrefixState(tokens, state["cache"], state["logits"], meta["fingerprint"])
+
