@@ -1,7 +1,9 @@
 """Ensembles of language models combined per token: the combination rules
 (:mod:`._rules`, pure functions of the members' logits) and stacked members
-decoded in one jitted loop (:mod:`._stacked`)."""
+decoded in one jitted loop (:mod:`._stacked`), and a learned per-step gate
+over the members' hidden states (:mod:`._gate`)."""
 
+from jaxcombine.ensemble._gate import Gate, gate_weights, train_gate
 from jaxcombine.ensemble._rules import (
     RULES,
     Combination,
@@ -22,9 +24,11 @@ from jaxcombine.ensemble._stacked import (
 __all__ = [
     "RULES",
     "Combination",
+    "Gate",
     "StackedForward",
     "check_same_architecture",
     "contrastive",
+    "gate_weights",
     "generate_ensemble",
     "linear",
     "logit_arithmetic",
@@ -32,4 +36,5 @@ __all__ = [
     "score_ensemble",
     "stack_members",
     "stacked",
+    "train_gate",
 ]
