@@ -5,6 +5,7 @@ from jaxcombine.decoding._beam import beam_search, check_beams
 from jaxcombine.decoding._decodable import (
     Decodable,
     DecoderForward,
+    keep_cache_slots,
     pad_cache_slots,
     take_cache_rows,
 )
@@ -30,6 +31,11 @@ from jaxcombine.decoding._score import (
     window_nll,
     windows_of,
 )
+from jaxcombine.decoding._speculative import (
+    Speculative,
+    layer_skip_draft,
+    speculative_generate,
+)
 
 __all__ = [
     "Decodable",
@@ -37,12 +43,15 @@ __all__ = [
     "PrefixState",
     "Sampling",
     "Score",
+    "Speculative",
     "beam_search",
     "bucket_length",
     "check_beams",
     "decode_loop",
     "filter_logits",
     "generate",
+    "keep_cache_slots",
+    "layer_skip_draft",
     "left_pad",
     "load_prefix",
     "pad_cache_slots",
@@ -54,6 +63,7 @@ __all__ = [
     "score_windows",
     "score_with",
     "scoring_windows",
+    "speculative_generate",
     "start_from_prefix",
     "strip_after_eos",
     "take_cache_rows",

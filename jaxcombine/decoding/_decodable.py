@@ -10,6 +10,8 @@ The forward is hashable (a static ``jax.jit`` argument) and implements
     forward.init_cache(params, config, batch, length, dtype) -> an empty cache
     forward.take_rows(cache, rows [B'])   -> the cache of those batch rows
     forward.pad_slots(cache, extra)       -> the cache with ``extra`` empty slots
+    forward.keep_slots(cache, keep [B, T]) -> the cache without the rejected
+                                            tail of its last T slots
 
 (:class:`~jaxcombine.decoding.DecoderForward` for one decoder,
 :class:`~jaxcombine.ensemble.StackedForward` for stacked members). Prefix
@@ -65,6 +67,11 @@ class DecoderForward:
         """The cache with ``extra`` empty slots appended to every row."""
         return pad_cache_slots(cache, extra)
 
+    @staticmethod
+    def keep_slots(cache, keep):
+        """Undo the rejected tail of the last write (speculative decoding)."""
+        return keep_cache_slots(cache, keep)
+
 
 def take_cache_rows(cache, rows):
     """Rows ``rows`` of a :class:`~jaxcombine.models.KVCache` (``next_index`` is shared)."""
@@ -86,6 +93,23 @@ def pad_cache_slots(cache, extra: int):
         keys=tuple(pad(k) for k in cache.keys),
         values=tuple(pad(v) for v in cache.values),
         key_valid=pad(cache.key_valid),
+    )
+
+
+def keep_cache_slots(cache, keep):
+    """Keep, per row, a prefix of the last ``T`` slots written; ``keep`` [B, T] bool
+    is True on that prefix (at least the first slot). The rest become invalid
+    keys, each row's next RoPE position counts only kept tokens, and the next
+    write starts after the longest kept prefix (slots past it are free)."""
+    T = keep.shape[1]
+    start = cache.next_index - T
+    written = jax.lax.dynamic_slice_in_dim(cache.key_valid, start, T, axis=1)
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache.key_valid, written & keep, start, axis=1)
+    kept = jnp.sum(keep, axis=1, dtype=jnp.int32)
+    return cache._replace(
+        key_valid=key_valid,
+        next_position=cache.next_position - (T - kept),
+        next_index=start + jnp.max(kept),
     )
 
 

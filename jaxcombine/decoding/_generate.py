@@ -20,10 +20,8 @@ from jaxcombine.decoding._beam import beam_search, check_beams
 from jaxcombine.decoding._decodable import Decodable
 from jaxcombine.decoding._prefill import (
     PrefixState,
-    bucket_length,
     check_prefix,
-    left_pad,
-    prefill,
+    prefill_prompts,
     start_from_prefix,
     validate_prompts,
 )
@@ -102,6 +100,17 @@ def strip_after_eos(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return out
 
 
+def special_tokens(config, eos_token_ids=None, pad_token_id=None) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id): the arguments, else the config's; pad falls back to the
+    first EOS, then 0."""
+    eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    if pad_token_id is not None:
+        return eos, pad_token_id
+    if config.pad_token_id is not None:
+        return eos, config.pad_token_id
+    return eos, (eos[0] if eos else 0)
+
+
 def generate(
     model: Decoder | Decodable,
     prompts: Sequence[Sequence[int]],
@@ -141,19 +150,9 @@ def generate(
         raise InputError(
             f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens"
         )
-    eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    pad = (
-        pad_token_id
-        if pad_token_id is not None
-        else (config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0))
-    )
+    eos, pad = special_tokens(config, eos_token_ids, pad_token_id)
     if prefix is None:
-        length = bucket_length(max(len(p) for p in prompts))
-        tokens, mask = left_pad(prompts, length, pad)
-        cache = model.init_cache(len(prompts), length + max_new_tokens)
-        logits, cache = prefill(
-            model.forward, model.params, jnp.asarray(tokens), jnp.asarray(mask), cache
-        )
+        logits, cache = prefill_prompts(model, prompts, pad, max_new_tokens)
     else:
         logits, cache = start_from_prefix(model, prefix, prompts, pad, max_new_tokens)
     eos_ids = jnp.asarray(eos or (-1,), jnp.int32)

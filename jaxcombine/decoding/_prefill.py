@@ -88,6 +88,15 @@ def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context:
             )
 
 
+def prefill_prompts(model: Decodable, prompts, pad_id: int, slots: int):
+    """Last-position logits [B, V] and cache (``slots`` free slots per row) of the
+    prompts, left-padded to their length bucket."""
+    length = bucket_length(max(len(p) for p in prompts))
+    tokens, mask = left_pad(prompts, length, pad_id)
+    cache = model.init_cache(len(prompts), length + slots)
+    return prefill(model.forward, model.params, jnp.asarray(tokens), jnp.asarray(mask), cache)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PrefixState:
     """The model's state after ``tokens``: a one-row cache of ``len(tokens)`` slots

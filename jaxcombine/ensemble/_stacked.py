@@ -28,6 +28,7 @@ from jaxcombine.decoding import (
     Score,
     check_beams,
     generate,
+    keep_cache_slots,
     pad_cache_slots,
     score_with,
     take_cache_rows,
@@ -79,6 +80,11 @@ class StackedForward:
     def pad_slots(cache, extra: int):
         """Every member's cache with ``extra`` empty slots appended."""
         return jax.vmap(lambda c: pad_cache_slots(c, extra))(cache)
+
+    @staticmethod
+    def keep_slots(cache, keep):
+        """Every member's cache without the rejected tail of its last write."""
+        return jax.vmap(keep_cache_slots, in_axes=(0, None))(cache, keep)
 
 
 def check_same_architecture(configs: Sequence[DecoderConfig], names=None) -> None:
