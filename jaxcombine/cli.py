@@ -2,6 +2,7 @@
 
     jaxcombine generate --model DIR [--model DIR ...] (--prompt TEXT | --prompt-ids 1,2,3)
             [--max-new-tokens N] [--greedy | --temperature T --top-k K --top-p P --seed S]
+            [--num-beams B]
             [--combine linear|loglinear|logits|contrastive --weights 0.7,0.3 --alpha A] [--json]
     jaxcombine score --model DIR [--model DIR ...] --text-file F
             [--combine ... --weights ... --alpha A] [--window W] [--json]
@@ -89,7 +90,7 @@ def _tokenizer_or_none(model_dir):
 
 
 def cmd_generate(args) -> dict:
-    from jaxcombine.decoding import Sampling, generate, validate_prompts
+    from jaxcombine.decoding import Sampling, check_beams, generate, validate_prompts
     from jaxcombine.hf import load_config, load_tokenizer
 
     if args.greedy and args.temperature:
@@ -109,6 +110,7 @@ def cmd_generate(args) -> dict:
             where="--top-k/--top-p",
             fix="add --temperature T (T > 0), or drop them for greedy decoding",
         )
+    check_beams(args.num_beams, sampling, where="--num-beams")
     configs = [load_config(d) for d in args.model]  # cheap: check before loading weights
     config, first = configs[0], args.model[0]
     combination = _combination(args, configs)
@@ -123,7 +125,10 @@ def cmd_generate(args) -> dict:
         raise InputError(
             f"max_new_tokens must be >= 1, got {args.max_new_tokens}", where="--max-new-tokens"
         )
-    options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    options = dict(
+        max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+        num_beams=args.num_beams,
+    )  # fmt: skip
     if len(args.model) == 1:
         tokens = generate(_load(args), prompts, **options)
     else:
@@ -252,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--num-beams", type=int, default=1, help="beam search with B beams (default 1: no beams)"
+    )
     ensemble_args(gen)
     gen.set_defaults(run=cmd_generate)
 
