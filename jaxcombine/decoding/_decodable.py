@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcombine.errors import InputError
 from jaxcombine.models import Decoder, DecoderConfig, init_cache
 
 
@@ -134,12 +135,45 @@ class Decodable:
     def init_cache(self, batch: int, length: int):
         return self.forward.init_cache(self.params, self.config, batch, length, self.dtype)
 
+    def check_prompts(self, prompts, extra_tokens: int = 0) -> None:
+        """Clear errors for prompts this model cannot read: empty, too long for the
+        context (with ``extra_tokens`` more to come), ids outside the vocabulary,
+        or (ensembles with mapped vocabularies) ids some member does not have."""
+        from jaxcombine.decoding._prefill import validate_prompts
+
+        context = self.config.max_position_embeddings
+        validate_prompts(prompts, self.config.vocab_size, context)
+        for i, prompt in enumerate(prompts):
+            if len(prompt) + extra_tokens > context:
+                raise InputError(
+                    f"prompt ({len(prompt)} tokens) + {extra_tokens} new tokens exceed the "
+                    f"model's context of {context}",
+                    where=f"prompt {i}",
+                    fix="shorten the prompt or generate fewer tokens",
+                )
+            self.check_readable(prompt, where=f"prompt {i}")
+
+    def check_readable(self, tokens, where: str) -> None:
+        """An :class:`InputError` for ids some member of a vocabulary-mapped
+        ensemble does not have (``forward.unreadable_tokens``)."""
+        unreadable = getattr(self.forward, "unreadable_tokens", None)
+        bad = [] if unreadable is None else unreadable(self.params, tokens)
+        if bad:
+            raise InputError(
+                f"token ids {bad[:5]} are not in every member's vocabulary",
+                where=where,
+                fix="use tokens the members share (see jaxcombine.ensemble.ensemble)",
+            )
+
     def fingerprint(self) -> str:
         """A short hash of the forward's type, the config and every parameter's
         shape and sum: what a saved prefix state is checked against."""
-        sums = jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x, dtype=jnp.float32), p))(
-            self.params
-        )
+        def total(x):
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x = jax.random.key_data(x)
+            return jnp.sum(x, dtype=jnp.float32)
+
+        sums = jax.jit(lambda p: jax.tree.map(total, p))(self.params)
         leaves = jax.tree.leaves_with_path(sums)
         shapes = [np.shape(x) for x in jax.tree.leaves(self.params)]
         text = json.dumps(

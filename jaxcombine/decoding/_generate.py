@@ -23,7 +23,6 @@ from jaxcombine.decoding._prefill import (
     check_prefix,
     prefill_prompts,
     start_from_prefix,
-    validate_prompts,
 )
 from jaxcombine.decoding._sampling import Sampling, sample_tokens
 from jaxcombine.errors import InputError
@@ -143,7 +142,7 @@ def generate(
     model = Decodable.of(model)
     config = model.config
     if prefix is None:
-        validate_prompts(prompts, config.vocab_size, config.max_position_embeddings)
+        model.check_prompts(prompts)
     else:
         check_prefix(model, prefix, prompts, max_new_tokens)
     if max_new_tokens < 1:

@@ -120,7 +120,7 @@ def prefill_prefix(model, tokens: Sequence[int]) -> PrefixState:
     """
     model = Decodable.of(model)
     tokens = tuple(int(t) for t in tokens)
-    validate_prompts([tokens], model.config.vocab_size, model.config.max_position_embeddings)
+    model.check_prompts([tokens])
     ids = jnp.asarray([tokens], jnp.int32)
     cache = model.init_cache(1, len(tokens))
     logits, cache = prefill(model.forward, model.params, ids, jnp.ones_like(ids, bool), cache)
@@ -152,6 +152,7 @@ def check_prefix(model: Decodable, prefix: PrefixState, prompts, max_new_tokens:
                 where=f"prompt {i}",
                 fix="check the tokenizer matches the model",
             )
+        model.check_readable(prompt, where=f"prompt {i}")
 
 
 def start_from_prefix(model: Decodable, prefix: PrefixState, prompts, pad_id: int, slots: int):

@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxcombine.decoding._decodable import Decodable
 from jaxcombine.decoding._generate import GREEDY, special_tokens, strip_after_eos
-from jaxcombine.decoding._prefill import prefill_prompts, validate_prompts
+from jaxcombine.decoding._prefill import prefill_prompts
 from jaxcombine.decoding._sampling import Sampling, filter_logits
 from jaxcombine.errors import ConfigError, InputError
 from jaxcombine.models import Decoder
@@ -245,8 +245,8 @@ def speculative_generate(
         raise InputError(
             f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens"
         )
-    context = min(config.max_position_embeddings, draft.config.max_position_embeddings)
-    validate_prompts(prompts, config.vocab_size, context)
+    target.check_prompts(prompts)
+    draft.check_prompts(prompts)
     eos, pad = special_tokens(config, eos_token_ids, pad_token_id)
     g = num_draft_tokens
     slots = max_new_tokens + g + 1 if len(prompts) == 1 else (g + 1) * (max_new_tokens + 1)

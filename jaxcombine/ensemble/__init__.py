@@ -3,6 +3,7 @@
 decoded in one jitted loop (:mod:`._stacked`), and a learned per-step gate
 over the members' hidden states (:mod:`._gate`)."""
 
+from jaxcombine.ensemble._ensemble import EnsembleForward, MCDropout, ensemble
 from jaxcombine.ensemble._gate import Gate, gate_weights, train_gate
 from jaxcombine.ensemble._rules import (
     RULES,
@@ -24,10 +25,13 @@ from jaxcombine.ensemble._stacked import (
 __all__ = [
     "RULES",
     "Combination",
+    "EnsembleForward",
     "Gate",
+    "MCDropout",
     "StackedForward",
     "check_same_architecture",
     "contrastive",
+    "ensemble",
     "gate_weights",
     "generate_ensemble",
     "linear",
