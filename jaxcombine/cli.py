@@ -63,7 +63,7 @@ def _single_model(args) -> str:
 
 def _combination(args, configs):
     """The ensemble's rule, checked against the members' configs before any weight is read."""
-    from jaxcombine.ensemble import Combination, check_same_architecture
+    from jaxcombine.ensemble import Combination
 
     weights = None
     if args.weights is not None:
@@ -77,8 +77,51 @@ def _combination(args, configs):
             ) from None
     combination = Combination(args.combine, weights, args.alpha)
     combination.check_members(len(configs))
-    check_same_architecture(configs, args.model)
     return combination
+
+
+def _vocabularies(args, configs):
+    """Members' token string -> id maps when their vocabularies differ (None when
+    they are the same), checked for overlap before any weight is read."""
+    from jaxcombine.ensemble import shared_vocabulary
+
+    tokenizers = [_tokenizer_or_none(d) for d in args.model]
+    vocabs = [None if t is None else t.get_vocab() for t in tokenizers]
+    sizes = [c.vocab_size for c in configs]
+    if len(set(sizes)) == 1 and all(v == vocabs[0] for v in vocabs):
+        return None
+    if any(v is None for v in vocabs):
+        missing = args.model[[v is None for v in vocabs].index(True)]
+        raise InputError(
+            "members' vocabularies differ and this member has no tokenizer.json to map by",
+            where=str(missing),
+            fix="add the model's tokenizer.json, or ensemble models of one tokenizer",
+        )
+    shared_vocabulary(vocabs, sizes, min_shared=0.5)
+    return vocabs
+
+
+def _ensemble(args, configs, combination):
+    """The --model directories as one Decodable: one model, stacked members of one
+    architecture and vocabulary, or a general ensemble."""
+    from jaxcombine.decoding import Decodable
+    from jaxcombine.ensemble import ensemble, stacked
+
+    if len(args.model) == 1:
+        return lambda: Decodable.of(_load(args))
+    vocabularies = _vocabularies(args, configs)
+    first = configs[0]
+    same = vocabularies is None and all(
+        c.replace(dropout_rate=first.dropout_rate) == first for c in configs
+    )
+
+    def load():
+        members = [_load(args, d) for d in args.model]
+        if same:
+            return stacked(members, combination)
+        return ensemble(members, combination, vocabularies=vocabularies)
+
+    return load
 
 
 def _tokenizer_or_none(model_dir):
@@ -125,17 +168,11 @@ def cmd_generate(args) -> dict:
         raise InputError(
             f"max_new_tokens must be >= 1, got {args.max_new_tokens}", where="--max-new-tokens"
         )
-    options = dict(
-        max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+    load = _ensemble(args, configs, combination)
+    tokens = generate(
+        load(), prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
         num_beams=args.num_beams,
     )  # fmt: skip
-    if len(args.model) == 1:
-        tokens = generate(_load(args), prompts, **options)
-    else:
-        from jaxcombine.ensemble import generate_ensemble
-
-        members = [_load(args, d) for d in args.model]
-        tokens = generate_ensemble(members, prompts, combination, **options)
     texts = [
         tokenizer.decode(row, skip_special_tokens=True) if tokenizer else None for row in tokens
     ]
@@ -143,7 +180,7 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_score(args) -> dict:
-    from jaxcombine.decoding import score
+    from jaxcombine.decoding import score_with
     from jaxcombine.hf import load_config, load_tokenizer
 
     path = Path(args.text_file)
@@ -160,14 +197,13 @@ def cmd_score(args) -> dict:
             where=str(path),
             fix="score a longer text",
         )
-    options = dict(window=args.window, batch_size=args.batch_size)
-    if len(args.model) == 1:
-        result = score(_load(args), ids, **options)
-    else:
-        from jaxcombine.ensemble import score_ensemble
-
-        members = [_load(args, d) for d in args.model]
-        result = score_ensemble(members, ids, combination, **options)
+    load = _ensemble(args, configs, combination)
+    model = load()
+    model.check_readable(ids, where=str(path))
+    result = score_with(
+        model.forward, model.params, model.config, ids, window=args.window,
+        batch_size=args.batch_size,
+    )  # fmt: skip
     return {
         "tokens": len(ids),
         "predicted_tokens": result.count,

@@ -3,7 +3,12 @@
 decoded in one jitted loop (:mod:`._stacked`), and a learned per-step gate
 over the members' hidden states (:mod:`._gate`)."""
 
-from jaxcombine.ensemble._ensemble import EnsembleForward, MCDropout, ensemble
+from jaxcombine.ensemble._ensemble import (
+    EnsembleForward,
+    MCDropout,
+    ensemble,
+    shared_vocabulary,
+)
 from jaxcombine.ensemble._gate import Gate, gate_weights, train_gate
 from jaxcombine.ensemble._rules import (
     RULES,
@@ -38,6 +43,7 @@ __all__ = [
     "logit_arithmetic",
     "loglinear",
     "score_ensemble",
+    "shared_vocabulary",
     "stack_members",
     "stacked",
     "train_gate",
