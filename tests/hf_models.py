@@ -150,3 +150,26 @@ def load_reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(
         str(path), attn_implementation="eager", dtype=torch.float32
     ).eval()
+
+
+def transformers_generate(ref, prompts, max_new_tokens, eos=(EOS,), **kwargs):
+    """transformers ``generate(do_sample=False, **kwargs)`` on a left-padded batch,
+    the new tokens of each row cut after the first EOS."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(eos),
+            pad_token_id=PAD,
+            **kwargs,
+        )
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jaxcombine import cli
-from jaxcombine.decoding import Sampling, generate, strip_after_eos
+from jaxcombine.decoding import Sampling, generate
 from jaxcombine.ensemble import Combination, generate_ensemble
 from jaxcombine.errors import InputError
 from jaxcombine.hf import load_model
@@ -19,22 +19,7 @@ PROMPTS = [[1, 5, 9, 33, 70, 12, 8, 100, 41], [1, 44, 3], [1, 250, 17, 96, 5]]
 N = 12
 
 
-def hf_generate(ref, prompts, max_new_tokens, eos, **kwargs):
-    """transformers generate on a left-padded batch, cut after EOS."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[hf_models.PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = ref.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(eos),
-            pad_token_id=hf_models.PAD,
-            **kwargs,
-        )
-    return [strip_after_eos(row[width:].tolist(), eos) for row in out]
+hf_generate = hf_models.transformers_generate
 
 
 def hf_beams(ref, prompts, max_new_tokens, eos, num_beams, length_penalty):

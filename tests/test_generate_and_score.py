@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jaxcombine import cli
-from jaxcombine.decoding import Sampling, generate, strip_after_eos
+from jaxcombine.decoding import Sampling, generate
 from jaxcombine.hf import load_model, load_tokenizer
 from tests import hf_models
 
@@ -18,19 +18,9 @@ PROMPTS = [[1, 5, 9, 33, 70, 12, 8, 100, 41], [1, 44, 3], [1, 250, 17, 96, 5]]
 
 def reference_greedy(model_dir, prompts, max_new_tokens):
     """transformers generate(do_sample=False) on a left-padded batch, cut after EOS."""
-    ref = hf_models.load_reference(model_dir)
-    width = max(map(len, prompts))
-    ids = torch.tensor([[hf_models.PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = ref.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=hf_models.PAD,
-        )
-    return [strip_after_eos(row[width:].tolist(), [hf_models.EOS]) for row in out]
+    return hf_models.transformers_generate(
+        hf_models.load_reference(model_dir), prompts, max_new_tokens
+    )
 
 
 @pytest.mark.parametrize("kind", hf_models.KINDS)
