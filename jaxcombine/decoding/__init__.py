@@ -2,6 +2,13 @@
 the jitted decode loop, windowed NLL."""
 
 from jaxcombine.decoding._beam import beam_search, check_beams
+from jaxcombine.decoding._cascade import (
+    Cascade,
+    cascade_generate,
+    cascade_sweep,
+    continuation_nll,
+    format_sweep,
+)
 from jaxcombine.decoding._decodable import (
     Decodable,
     DecoderForward,
@@ -38,6 +45,7 @@ from jaxcombine.decoding._speculative import (
 )
 
 __all__ = [
+    "Cascade",
     "Decodable",
     "DecoderForward",
     "PrefixState",
@@ -46,9 +54,13 @@ __all__ = [
     "Speculative",
     "beam_search",
     "bucket_length",
+    "cascade_generate",
+    "cascade_sweep",
     "check_beams",
+    "continuation_nll",
     "decode_loop",
     "filter_logits",
+    "format_sweep",
     "generate",
     "keep_cache_slots",
     "layer_skip_draft",
