@@ -18,7 +18,7 @@ from jaxcombine.decoding import (
     start_from_prefix,
 )
 from jaxcombine.ensemble import Combination, generate_ensemble, stacked
-from jaxcombine.errors import InputError
+from jaxcombine.errors import ConfigError, InputError
 from jaxcombine.hf import load_model
 from tests import hf_models
 
@@ -122,3 +122,15 @@ def test_prefix_errors(models, members, tmp_path):
         load_prefix(path, members[1])
     with pytest.raises(InputError, match="not a saved prefix state"):
         load_prefix(tmp_path, model)
+
+
+def test_sliding_window_prefix_reuse_has_no_gaps(tiny_models):
+    model = load_model(tiny_models["mistral"])  # sliding window 8, shorter than the prefix
+    assert model.config.sliding_window < len(PREFIX)
+    state = prefill_prefix(model, PREFIX)
+    prompts = [[17, 42, 99], [120, 33, 8]]  # one length: no padding between prefix and prompt
+    options = dict(max_new_tokens=10, eos_token_ids=())
+    reused = generate(model, prompts, prefix=state, **options)
+    assert reused == generate(model, [PREFIX + p for p in prompts], **options)
+    with pytest.raises(ConfigError, match="sliding-window"):
+        generate(model, [[17, 42, 99], [7]], prefix=state, **options)

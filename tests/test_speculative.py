@@ -121,3 +121,13 @@ def test_bad_drafts_and_settings(target, tiny_models):
         speculative_generate(target, target, [[]])
     with pytest.raises(InputError, match="keeps 1 to"):
         layer_skip_draft(target, target.config.num_layers)
+
+
+def test_sliding_window_batches_are_refused_single_prompts_work(tiny_models):
+    model = load_model(tiny_models["mistral"])
+    draft = layer_skip_draft(model, 1)
+    expected = generate(model, PROMPTS[:1], max_new_tokens=20, eos_token_ids=())
+    out = speculative_generate(model, draft, PROMPTS[:1], max_new_tokens=20, eos_token_ids=())
+    assert out.tokens == expected
+    with pytest.raises(ConfigError, match="sliding-window"):
+        speculative_generate(model, draft, PROMPTS, max_new_tokens=4)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcombine.errors import InputError
+from jaxcombine.errors import ConfigError, InputError
 from jaxcombine.models import Decoder, DecoderConfig, init_cache
 
 
@@ -152,6 +152,23 @@ class Decodable:
                     fix="shorten the prompt or generate fewer tokens",
                 )
             self.check_readable(prompt, where=f"prompt {i}")
+
+    def has_sliding_window(self) -> bool:
+        """Whether any member has a sliding-window attention layer."""
+        configs = [self.config] + [g.config for g in getattr(self.forward, "groups", ())]
+        return any(c.window_of_layer(i) is not None for c in configs for i in range(c.num_layers))
+
+    def check_no_gaps(self, what: str) -> None:
+        """A :class:`ConfigError` if a member has sliding-window layers: windows are
+        counted in cache slots, and ``what`` leaves invalid slots between real
+        tokens, which would shift the window."""
+        if self.has_sliding_window():
+            raise ConfigError(
+                f"{what} leaves gaps in the cache, which sliding-window attention "
+                "would count as tokens",
+                where="sliding_window",
+                fix="run one prompt at a time (batch 1), or prompts of one length",
+            )
 
     def check_readable(self, tokens, where: str) -> None:
         """An :class:`InputError` for ids some member of a vocabulary-mapped

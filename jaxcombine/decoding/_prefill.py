@@ -160,11 +160,14 @@ def start_from_prefix(model: Decodable, prefix: PrefixState, prompts, pad_id: in
     prompts) for ``prefix + prompt`` in every row; a prompt may be empty."""
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
+    if len({len(p) for p in prompts}) > 1:  # padding between prefix and prompt
+        model.check_no_gaps("a prefix state with prompts of different lengths")
     cache = model.forward.take_rows(prefix.cache, jnp.zeros((batch,), jnp.int32))
     logits = jnp.broadcast_to(prefix.logits, (batch, prefix.logits.shape[-1]))
     if longest == 0:
         return logits, model.forward.pad_slots(cache, slots)
-    length = bucket_length(longest)
+    # Sliding windows count slots: no bucket padding between prefix and prompt.
+    length = longest if model.has_sliding_window() else bucket_length(longest)
     cache = model.forward.pad_slots(cache, length + slots)
     tokens, mask = left_pad(prompts, length, pad_id)
     suffix_logits, cache = prefill(

@@ -247,6 +247,9 @@ def speculative_generate(
         )
     target.check_prompts(prompts)
     draft.check_prompts(prompts)
+    if len(prompts) > 1:  # rows accept different numbers of proposals
+        target.check_no_gaps("speculative decoding of a batch")
+        draft.check_no_gaps("speculative decoding of a batch")
     eos, pad = special_tokens(config, eos_token_ids, pad_token_id)
     g = num_draft_tokens
     slots = max_new_tokens + g + 1 if len(prompts) == 1 else (g + 1) * (max_new_tokens + 1)
