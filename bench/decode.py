@@ -107,8 +107,11 @@ from jaxcombine.decoding import (
     bucket_length,
     decode_loop,
     generate,
+    layer_skip_draft,
     left_pad,
     prefill,
+    prefill_prefix,
+    speculative_generate,
 )
 from jaxcombine.ensemble import (
     Combination,
@@ -415,6 +418,91 @@ def breakdown(models, batches, new, repeats) -> list[tuple]:
     return out
 
 
+# --- prefix reuse and speculative decoding ---
+
+SYSTEM = 448  # shared prefix tokens (a system prompt / few-shot block)
+QUESTION = 32  # tokens after it per request
+REUSE_NEW = 32  # new tokens per request
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each function (first call excluded), interleaved."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_prefix_reuse(models, repeats) -> tuple[list[tuple], dict]:
+    """A request = a shared 448-token prefix + its own 32 tokens, 32 new tokens,
+    batch 8: ``generate`` from scratch vs from ``prefill_prefix``'s state (made
+    once, outside the timed calls), one model and 4 stacked members."""
+    rng = np.random.default_rng(1)
+    system = rng.integers(3, VOCAB, SYSTEM).tolist()
+    questions = rng.integers(3, VOCAB, (8, QUESTION)).tolist()
+    rows_, out = [], {}
+    options = dict(max_new_tokens=REUSE_NEW, eos_token_ids=())
+    for name, model in (("single", Decodable.of(models[0])), ("stacked4", stacked(models, LINEAR))):
+        state = prefill_prefix(model, system)
+        scratch = generate(model, [system + q for q in questions], **options)
+        reused = generate(model, questions, prefix=state, **options)
+        s = timed(
+            {
+                "scratch": lambda m=model: generate(m, [system + q for q in questions], **options),
+                "reuse": lambda m=model, st=state: generate(m, questions, prefix=st, **options),
+            },
+            repeats,
+        )
+        same = sum(a == b for a, b in zip(scratch, reused, strict=True))
+        rows_.append((f"prefix {name}", s["scratch"], s["reuse"], f"{same}/8 rows equal"))
+        out[f"prefix_reuse_speedup_{name}"] = s["scratch"] / s["reuse"]
+    return rows_, out
+
+
+def bench_speculative(models, new, repeats) -> tuple[list[tuple], dict]:
+    """Batch 1, greedy, ``new`` tokens: ``generate(target)`` vs
+    ``speculative_generate(target, draft, num_draft_tokens=4)`` with a layer-skip
+    draft (member 0's first layer + its head: random weights give no other
+    draft that agrees with the target), target one model or 4 stacked members."""
+    prompt = np.random.default_rng(2).integers(3, VOCAB, (1, PROMPT)).tolist()
+    draft = layer_skip_draft(models[0], 1)
+    rows_, out = [], {}
+    options = dict(max_new_tokens=new, eos_token_ids=())
+    for name, target in (
+        ("single", Decodable.of(models[0])),
+        ("stacked4", stacked(models, LINEAR)),
+    ):
+        plain = generate(target, prompt, **options)
+        spec = speculative_generate(target, draft, prompt, num_draft_tokens=4, **options)
+        s = timed(
+            {
+                "plain": lambda t=target: generate(t, prompt, **options),
+                "spec": lambda t=target: speculative_generate(
+                    t, draft, prompt, num_draft_tokens=4, **options
+                ),
+            },
+            repeats,
+        )
+        note = (f"equal={spec.tokens == plain}, {spec.tokens_per_call:.2f} tokens/target call, "
+                f"{spec.accepted}/{spec.target_calls * 4} proposals accepted")  # fmt: skip
+        rows_.append((f"speculative {name}", s["plain"], s["spec"], note))
+        out[f"speculative_speedup_{name}"] = s["plain"] / s["spec"]
+    return rows_, out
+
+
+def print_speedups(rows_) -> None:
+    header = f"{'case':<22}{'baseline s':>11}{'fast s':>9}{'speedup':>9}  note"
+    print(header)
+    print("-" * (len(header) + 40))
+    for name, base, fast, note in rows_:
+        print(f"{name:<22}{base:>11.3f}{fast:>9.3f}{base / fast:>9.2f}  {note}")
+
+
 def _l3_cache() -> str | None:
     try:
         return Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
@@ -432,6 +520,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--torch-threads", default="1,2", help="one hf single row per torch thread count"
     )
+    parser.add_argument(
+        "--only-speedups", action="store_true",
+        help="only the prefix-reuse and speculative-decoding tables",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     new = args.new_tokens or (32 if args.quick else 128)
     args.repeats = args.repeats or (2 if args.quick else 5)
@@ -455,6 +547,18 @@ def main(argv=None) -> None:
     weights_mb = sum(x.nbytes for x in jax.tree.leaves(nnx.state(models[0]))) / 1e6
     l3 = _l3_cache()
     l3 = f", L3 cache {l3}" if l3 else ""
+    speed_rows, speedups = [], {}
+    for part in (
+        bench_prefix_reuse(models, args.repeats),
+        bench_speculative(models, new, args.repeats),
+    ):
+        speed_rows += part[0]
+        speedups.update(part[1])
+    if args.only_speedups:
+        print_speedups(speed_rows)
+        print(json.dumps({"bench": "decode", "new_tokens": new,
+                          **{k: round(v, 2) for k, v in speedups.items()}}))  # fmt: skip
+        return
     rng = np.random.default_rng(0)
     for b in batches:
         prompts = rng.integers(3, VOCAB, (b, PROMPT), dtype=np.int32)
@@ -490,7 +594,11 @@ def main(argv=None) -> None:
         cells.append(f"{'-' if one is None else f'{four / one:.2f}':>7}")
         print(f"{name:<30}" + "".join(cells))
     print()
-    out = ratios(res, batches)
+    print("prefix reuse (448-token prefix + 32 own tokens, 32 new, batch 8), speculative "
+          f"decoding (batch 1, {new} new, 4 proposals); median of {args.repeats}")  # fmt: skip
+    print_speedups(speed_rows)
+    print()
+    out = {**ratios(res, batches), **speedups}
     print("targets: single_vs_transformers >= 2, stacked4_over_single <= 2.5, "
           "loop_over_stacked4 >= 1.5")  # fmt: skip
     for key, value in out.items():
