@@ -35,7 +35,7 @@ def test_greedy_equals_the_target_alone(target, tiny_models, num_draft_tokens):
     expected = generate(target, PROMPTS, max_new_tokens=24, eos_token_ids=())
     drafts = {
         "layer skip": layer_skip_draft(target, 1),
-        "other model": load_model(tiny_models["mistral"]),
+        "other model": load_model(tiny_models["llama_tied_llama3"]),
         "itself": target,
     }
     for name, draft in drafts.items():
