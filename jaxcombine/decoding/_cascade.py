@@ -56,16 +56,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcombine.decoding._decodable import Decodable
+from jaxcombine.decoding._decodable import Decodable, check_new_tokens, check_same_vocabulary
 from jaxcombine.decoding._generate import GREEDY, generate, special_tokens, strip_after_eos
 from jaxcombine.decoding._prefill import (
     bucket_length,
     left_pad,
     prefill_prompts,
-    validate_prompts,
 )
 from jaxcombine.decoding._sampling import Sampling, sample_tokens
-from jaxcombine.errors import ConfigError, InputError, closest
+from jaxcombine.errors import InputError, closest
 from jaxcombine.models import Decoder
 
 CONFIDENCES = ("top_prob", "entropy")
@@ -261,13 +260,7 @@ def cascade_loop(
 
 def check_cascade(small: Decodable, large: Decodable, threshold, confidence, mode) -> None:
     """Clear errors for models that cannot cascade and for bad settings."""
-    if small.config.vocab_size != large.config.vocab_size:
-        raise ConfigError(
-            f"the small model's vocabulary ({small.config.vocab_size} tokens) differs from "
-            f"the large model's ({large.config.vocab_size})",
-            where="small",
-            fix="cascade models that share one tokenizer",
-        )
+    check_same_vocabulary(small, large, ("small model", "large model"))
     if confidence not in CONFIDENCES:
         raise InputError(
             f"unknown confidence {confidence!r}",
@@ -322,12 +315,9 @@ def cascade_generate(
             where="threshold",
             fix="use cascade_sweep for several thresholds",
         )
-    if max_new_tokens < 1:
-        raise InputError(
-            f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens"
-        )
-    context = min(small.config.max_position_embeddings, large.config.max_position_embeddings)
-    validate_prompts(prompts, large.config.vocab_size, context)
+    check_new_tokens(max_new_tokens)
+    small.check_prompts(prompts)
+    large.check_prompts(prompts)
     eos, pad = special_tokens(large.config, eos_token_ids, pad_token_id)
     P, N = bucket_length(max(len(p) for p in prompts)), max_new_tokens
     first_logits, small_cache = prefill_prompts(small, prompts, pad, N)

@@ -135,22 +135,14 @@ class Decodable:
     def init_cache(self, batch: int, length: int):
         return self.forward.init_cache(self.params, self.config, batch, length, self.dtype)
 
-    def check_prompts(self, prompts, extra_tokens: int = 0) -> None:
-        """Clear errors for prompts this model cannot read: empty, too long for the
-        context (with ``extra_tokens`` more to come), ids outside the vocabulary,
-        or (ensembles with mapped vocabularies) ids some member does not have."""
+    def check_prompts(self, prompts) -> None:
+        """Clear errors for prompts this model cannot read: empty, longer than the
+        context, ids outside the vocabulary, or (ensembles with mapped
+        vocabularies) ids some member does not have."""
         from jaxcombine.decoding._prefill import validate_prompts
 
-        context = self.config.max_position_embeddings
-        validate_prompts(prompts, self.config.vocab_size, context)
+        validate_prompts(prompts, self.config.vocab_size, self.config.max_position_embeddings)
         for i, prompt in enumerate(prompts):
-            if len(prompt) + extra_tokens > context:
-                raise InputError(
-                    f"prompt ({len(prompt)} tokens) + {extra_tokens} new tokens exceed the "
-                    f"model's context of {context}",
-                    where=f"prompt {i}",
-                    fix="shorten the prompt or generate fewer tokens",
-                )
             self.check_readable(prompt, where=f"prompt {i}")
 
     def has_sliding_window(self) -> bool:
@@ -183,26 +175,63 @@ class Decodable:
             )
 
     def fingerprint(self) -> str:
-        """A short hash of the forward's type, the config and every parameter's
-        shape and sum: what a saved prefix state is checked against."""
-        def total(x):
-            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-                x = jax.random.key_data(x)
-            return jnp.sum(x, dtype=jnp.float32)
-
-        sums = jax.jit(lambda p: jax.tree.map(total, p))(self.params)
-        leaves = jax.tree.leaves_with_path(sums)
-        shapes = [np.shape(x) for x in jax.tree.leaves(self.params)]
+        """A short hash of the forward's settings, the config and every parameter's
+        shape and sum: what a prefix state is checked against."""
+        sums = _leaf_sums(self.params)
         text = json.dumps(
             {
-                "forward": type(self.forward).__name__,
-                "combination": repr(getattr(self.forward, "combination", None)),
+                "forward": _describe(self.forward),
                 "config": repr(self.config),
                 "leaves": [
-                    (jax.tree_util.keystr(path), f"{float(x):.5e}") for path, x in leaves
+                    (jax.tree_util.keystr(path), f"{float(x):.5e}")
+                    for path, x in jax.tree.leaves_with_path(sums)
                 ],
-                "shapes": [list(s) for s in shapes],
+                "shapes": [list(np.shape(x)) for x in jax.tree.leaves(self.params)],
             },
             sort_keys=True,
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@jax.jit
+def _leaf_sums(params):
+    """Every leaf's sum (PRNG keys by their key data), compiled once per structure."""
+
+    def total(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return jnp.sum(x, dtype=jnp.float32)
+
+    return jax.tree.map(total, params)
+
+
+def _describe(forward) -> str:
+    """The forward's type and settings, graph definitions left out (the config and
+    the parameters' shapes stand for them)."""
+    fields = {
+        f.name: repr(getattr(forward, f.name))
+        for f in dataclasses.fields(forward)
+        if "graphdef" not in f.name and f.name != "groups"
+    }
+    groups = [(repr(g.config), g.size, g.dropout) for g in getattr(forward, "groups", ())]
+    return repr((type(forward).__name__, sorted(fields.items()), groups))
+
+
+def check_new_tokens(max_new_tokens: int) -> None:
+    """An :class:`InputError` unless at least one token is asked for."""
+    if max_new_tokens < 1:
+        raise InputError(
+            f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens"
+        )
+
+
+def check_same_vocabulary(model: Decodable, other: Decodable, names: tuple[str, str]) -> None:
+    """A :class:`ConfigError` if two models that must decode the same token ids
+    (draft and target, small and large) have vocabularies of different sizes."""
+    if model.config.vocab_size != other.config.vocab_size:
+        raise ConfigError(
+            f"the {names[0]}'s vocabulary ({model.config.vocab_size} tokens) differs from "
+            f"the {names[1]}'s ({other.config.vocab_size})",
+            where=names[0],
+            fix="use models that share one tokenizer",
+        )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcombine.decoding._beam import beam_search, check_beams
-from jaxcombine.decoding._decodable import Decodable
+from jaxcombine.decoding._decodable import Decodable, check_new_tokens
 from jaxcombine.decoding._prefill import (
     PrefixState,
     check_prefix,
@@ -25,7 +25,6 @@ from jaxcombine.decoding._prefill import (
     start_from_prefix,
 )
 from jaxcombine.decoding._sampling import Sampling, sample_tokens
-from jaxcombine.errors import InputError
 from jaxcombine.models import Decoder
 
 GREEDY = Sampling()
@@ -145,10 +144,7 @@ def generate(
         model.check_prompts(prompts)
     else:
         check_prefix(model, prefix, prompts, max_new_tokens)
-    if max_new_tokens < 1:
-        raise InputError(
-            f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens"
-        )
+    check_new_tokens(max_new_tokens)
     eos, pad = special_tokens(config, eos_token_ids, pad_token_id)
     if prefix is None:
         logits, cache = prefill_prompts(model, prompts, pad, max_new_tokens)

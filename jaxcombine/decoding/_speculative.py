@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcombine.decoding._decodable import Decodable
+from jaxcombine.decoding._decodable import Decodable, check_new_tokens, check_same_vocabulary
 from jaxcombine.decoding._generate import GREEDY, special_tokens, strip_after_eos
 from jaxcombine.decoding._prefill import prefill_prompts
 from jaxcombine.decoding._sampling import Sampling, filter_logits
-from jaxcombine.errors import ConfigError, InputError
+from jaxcombine.errors import InputError
 from jaxcombine.models import Decoder
 
 
@@ -230,21 +230,12 @@ def speculative_generate(
     """
     target, draft = Decodable.of(target), Decodable.of(draft)
     config = target.config
-    if draft.config.vocab_size != config.vocab_size:
-        raise ConfigError(
-            f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the "
-            f"target's ({config.vocab_size})",
-            where="draft",
-            fix="use a draft model with the target's tokenizer",
-        )
+    check_same_vocabulary(draft, target, ("draft", "target"))
     if num_draft_tokens < 1:
         raise InputError(
             f"num_draft_tokens must be >= 1, got {num_draft_tokens}", where="num_draft_tokens"
         )
-    if max_new_tokens < 1:
-        raise InputError(
-            f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens"
-        )
+    check_new_tokens(max_new_tokens)
     target.check_prompts(prompts)
     draft.check_prompts(prompts)
     if len(prompts) > 1:  # rows accept different numbers of proposals

@@ -45,22 +45,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcombine import tree
 from jaxcombine.decoding import (
     Decodable,
     DecoderForward,
-    keep_cache_slots,
-    pad_cache_slots,
-    take_cache_rows,
 )
 from jaxcombine.ensemble._gate import Gate
 from jaxcombine.ensemble._rules import Combination
-from jaxcombine.ensemble._stacked import check_same_architecture
+from jaxcombine.ensemble._stacked import _UNIFORM_LINEAR, StackedForward, stack_members
 from jaxcombine.errors import ConfigError
 from jaxcombine.models import Decoder, init_cache
 
 _MASKED = -1e9  # logit of a token outside the shared vocabulary, before the rule
-_UNIFORM_LINEAR = Combination()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -175,16 +170,16 @@ class EnsembleForward:
         )
 
     def take_rows(self, cache, rows):
-        groups = tuple(jax.vmap(take_cache_rows, in_axes=(0, None))(c, rows) for c in cache.groups)
         return cache._replace(
-            groups=groups,
+            groups=tuple(StackedForward.take_rows(c, rows) for c in cache.groups),
             log_evidence=cache.log_evidence[:, rows],
             last_log_probs=cache.last_log_probs[:, rows],
         )
 
     def pad_slots(self, cache, extra: int):
-        groups = tuple(jax.vmap(lambda c: pad_cache_slots(c, extra))(c) for c in cache.groups)
-        return cache._replace(groups=groups)
+        return cache._replace(
+            groups=tuple(StackedForward.pad_slots(c, extra) for c in cache.groups)
+        )
 
     def keep_slots(self, cache, keep):
         if self.coefficients == "posterior":
@@ -193,8 +188,9 @@ class EnsembleForward:
                 where="coefficients",
                 fix="use constant or gate coefficients with speculative decoding",
             )
-        groups = tuple(jax.vmap(keep_cache_slots, in_axes=(0, None))(c, keep) for c in cache.groups)
-        return cache._replace(groups=groups)
+        return cache._replace(
+            groups=tuple(StackedForward.keep_slots(c, keep) for c in cache.groups)
+        )
 
 
 def running_log_evidence(log_p, tokens, mask, cache):
@@ -351,10 +347,8 @@ def ensemble(
         if isinstance(run[0], MCDropout):
             group, params = _dropout_group(run[0])
         else:
-            check_same_architecture([m.config for m in run])
-            splits = [nnx.split(m) for m in run]
-            group = _Group(splits[0][0], run[0].config, len(run), dropout=False)
-            params = tree.stack([p for _, p in splits])
+            graphdef, params = stack_members(run)
+            group = _Group(graphdef, run[0].config, len(run), dropout=False)
         maps = token_maps[start : start + len(run)]
         start += len(run)
         if any(m is not None for m in maps) and not all(
