@@ -87,13 +87,13 @@ def take_cache_rows(cache, rows):
 def pad_cache_slots(cache, extra: int):
     """A :class:`~jaxcombine.models.KVCache` with ``extra`` invalid slots appended."""
 
-    def pad(x):
-        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+    def pad(x, axis):
+        return jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
 
     return cache._replace(
-        keys=tuple(pad(k) for k in cache.keys),
-        values=tuple(pad(v) for v in cache.values),
-        key_valid=pad(cache.key_valid),
+        keys=tuple(pad(k, 2) for k in cache.keys),  # [B, K, S, D]
+        values=tuple(pad(v, 2) for v in cache.values),
+        key_valid=pad(cache.key_valid, 1),
     )
 
 

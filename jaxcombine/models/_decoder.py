@@ -45,8 +45,8 @@ class KVCache(NamedTuple):
     left-padded prompt leaves its padding slots invalid in ``key_valid``.
     """
 
-    keys: tuple[jax.Array, ...]  # L x [B, S, K, D]
-    values: tuple[jax.Array, ...]  # L x [B, S, K, D]
+    keys: tuple[jax.Array, ...]  # L x [B, K, S, D]
+    values: tuple[jax.Array, ...]  # L x [B, K, S, D]
     key_valid: jax.Array  # [B, S] bool
     next_index: jax.Array  # [] int32: the slot the next token goes to
     next_position: jax.Array  # [B] int32: the RoPE position of the next token
@@ -58,7 +58,7 @@ class KVCache(NamedTuple):
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
     """An empty cache with ``max_length`` slots per row."""
-    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_length, config.head_dim)  # the attention dots' layout
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -103,19 +103,36 @@ class Attention(nnx.Module):
         """x [B, T, E], positions [B, T], mask [B, T, S]; returns (y [B, T, E], (k, v))."""
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         q = apply_rope(self.q_proj(x), positions, inv_freq)  # [B, T, H, D]
-        k = apply_rope(self.k_proj(x), positions, inv_freq)  # [B, T, K, D]
-        v = self.v_proj(x)  # [B, T, K, D]
+        k = apply_rope(self.k_proj(x), positions, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, D]
+        v = self.v_proj(x).transpose(0, 2, 1, 3)  # [B, K, T, D]
         if cache_kv is not None:
             k = jax.lax.dynamic_update_slice(
-                cache_kv[0], k.astype(cache_kv[0].dtype), (0, start, 0, 0)
-            )  # [B, S, K, D]
+                cache_kv[0], k.astype(cache_kv[0].dtype), (0, 0, start, 0)
+            )  # [B, K, S, D]
             v = jax.lax.dynamic_update_slice(
-                cache_kv[1], v.astype(cache_kv[1].dtype), (0, start, 0, 0)
+                cache_kv[1], v.astype(cache_kv[1].dtype), (0, 0, start, 0)
             )
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None]
-        )  # [B, T, H, D]
+        out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)  # [B, T, H, D]
         return self.o_proj(out), (k, v)
+
+
+def grouped_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(D), masked) v with K key/value heads shared by groups of
+    H / K query heads (GQA); q [B, T, H, D], k and v [B, K, S, D], mask [B, T, S]
+    -> [B, T, H, D]. Scores and softmax in float32. Keys are kept head-major
+    ([B, K, S, D]) so the cache is already in the dots' layout: stored
+    [B, S, K, D], XLA:CPU transposed every layer's cache on every decode step.
+    A query with no allowed key (left padding) attends uniformly, as
+    ``jax.nn.dot_product_attention`` does."""
+    B, T, H, D = q.shape
+    K = k.shape[1]
+    grouped = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    scores = scores * (D**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(B, T, H, D)
 
 
 class MLP(nnx.Module):
