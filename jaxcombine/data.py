@@ -1,0 +1,496 @@
+"""Training data: text files -> token ids -> packed rows -> per-step batches.
+
+Text is read with Hugging Face ``datasets`` (``load_dataset`` with the builder
+chosen by the file extension), tokenised with the model's ``tokenizers.Tokenizer``
+and packed GPT-style into rows of ``seq_len + 1`` tokens: documents are
+concatenated (each followed by ``eos_id`` when given) and chopped into
+consecutive windows, so a document may continue in the next row. A row feeds
+``inputs = row[:-1]`` and ``targets = row[1:]``.
+
+The batch at a step is a pure function of ``(seed, step)``: rows are visited
+epoch by epoch in the order ``np.random.default_rng([seed, epoch]).permutation(N)``
+(or, for bagging, ``N`` draws with replacement), and step ``s`` takes the next
+``global_batch`` positions from ``s * global_batch``. A resumed job therefore sees
+exactly the batches it would have seen, and each process materialises only its
+own contiguous slice of the global batch.
+
+Every host reads and tokenises the whole corpus (``datasets`` caches the result
+on disk); only the batch rows are per host.
+
+Example::
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from jaxcombine.data import PackedDataset, global_batch_array
+    from jaxcombine.hf import load_tokenizer
+
+    tokenizer = load_tokenizer("models/llama")
+    data = PackedDataset.from_files(
+        "corpus/", tokenizer, seq_len=1024, eos_id=tokenizer.token_to_id("</s>")
+    )
+    mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "model"))
+    sharding = NamedSharding(mesh, P("data"))
+    for step in range(start_step, num_steps):
+        local = data.batch(
+            step, 64, seed=0,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )                                               # [64 // processes, 1025]
+        rows = global_batch_array(local, sharding)      # [64, 1025] over the mesh
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import operator
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from tokenizers import Tokenizer
+
+from jaxcombine.errors import InputError
+
+# File extension -> ``datasets`` packaged builder.
+BUILDERS: dict[str, str] = {
+    ".txt": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+}
+
+# Mixed into the seed of bootstrap draws, so they use a different random
+# stream from the epoch permutations.
+_BOOTSTRAP_STREAM = 0x626F6F74  # "boot"
+
+_SUPPORTED = ", ".join(BUILDERS)
+
+PathLike = str | os.PathLike
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _builder_of(path: Path) -> str:
+    """The ``datasets`` builder for one file, from its extension."""
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise InputError(
+            f"unknown data file extension {path.suffix or '(none)'!r}",
+            where=str(path),
+            fix=f"use one of the supported extensions: {_SUPPORTED}",
+        )
+    return builder
+
+
+def _files_in_directory(directory: Path) -> list[Path]:
+    """The data files of a directory: its files (recursively, hidden ones
+    skipped) with a supported extension; for a ``Dataset.save_to_disk``
+    directory, the arrow files its ``state.json`` lists."""
+    state = directory / "state.json"
+    if state.is_file() and (directory / "dataset_info.json").is_file():
+        try:
+            listed = json.loads(state.read_text())["_data_files"]
+            return [directory / entry["filename"] for entry in listed]
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(
+                f"state.json of a saved dataset does not list its files ({err!r})",
+                where=str(state),
+                fix="save the dataset again with Dataset.save_to_disk, or pass its .arrow files",
+            ) from None
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in BUILDERS
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+    if not files:
+        raise InputError(
+            "the directory holds no data file",
+            where=str(directory),
+            fix=f"put files with one of the supported extensions ({_SUPPORTED}) in it",
+        )
+    return files
+
+
+def data_files(paths: PathLike | Sequence[PathLike]) -> tuple[str, list[str]]:
+    """The ``datasets`` builder name and the list of files that ``paths`` name.
+
+    Each path is a file or a directory (all data files inside it). All files
+    must use one builder (``.json`` and ``.jsonl`` mix; ``.txt`` and ``.parquet``
+    do not).
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    if not paths:
+        raise InputError("no data file given", fix="pass at least one file or directory")
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InputError(
+                "data file does not exist",
+                where=str(path),
+                fix="check the path (relative paths are resolved from the current directory)",
+            )
+        files.extend(_files_in_directory(path) if path.is_dir() else [path])
+    by_builder: dict[str, list[Path]] = {}
+    for file in files:
+        by_builder.setdefault(_builder_of(file), []).append(file)
+    if len(by_builder) > 1:
+        kinds = "; ".join(f"{b}: {', '.join(map(str, fs[:3]))}" for b, fs in by_builder.items())
+        raise InputError(
+            f"data files of different formats cannot be read together ({kinds})",
+            where=", ".join(map(str, paths)),
+            fix="convert them to one format, or pass only files with one extension",
+        )
+    (builder,) = by_builder
+    return builder, [str(f) for f in files]
+
+
+def _describe(files: Sequence[str]) -> str:
+    """The first few file names, for an error's ``where``."""
+    return ", ".join(files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+
+
+def load_texts(
+    paths: PathLike | Sequence[PathLike], *, text_column: str = "text"
+) -> datasets.Dataset:
+    """A dataset with one string column ``text``, read from ``paths``.
+
+    ``paths`` is a file, a directory, or a list of them; the extension picks the
+    ``datasets`` builder (``.txt`` -> ``text``: one document per line,
+    ``.json``/``.jsonl`` -> ``json``, ``.parquet``, ``.arrow``, ``.csv``).
+    ``text_column`` names the column holding the documents (``.txt`` files
+    always have ``text``). Missing files, unknown extensions, mixed formats and
+    a missing or non-string column raise :class:`~jaxcombine.errors.InputError`.
+
+    Example::
+
+        texts = load_texts(["a.jsonl", "b.jsonl"], text_column="content")
+        texts["text"][0]
+    """
+    builder, files = data_files(paths)
+    where = _describe(files)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        cause = err
+        while cause.__cause__ is not None:  # the innermost error says what is wrong
+            cause = cause.__cause__
+        raise InputError(
+            f"cannot read the data files as {builder!r}: {type(cause).__name__}: {cause}",
+            where=where,
+            fix="check that every file is valid and that all files have the same columns",
+        ) from err
+    if text_column not in dataset.column_names:
+        raise InputError(
+            f"no column {text_column!r}; the data has columns {dataset.column_names}",
+            where=where,
+            fix="pass text_column= naming the column that holds the documents",
+        )
+    feature = dataset.features[text_column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise InputError(
+            f"column {text_column!r} holds {feature}, not text",
+            where=where,
+            fix="pass text_column= naming the column that holds the documents",
+        )
+    dataset = dataset.select_columns([text_column])
+    return dataset if text_column == "text" else dataset.rename_column(text_column, "text")
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+def _check_tokenizer(tokenizer) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` behind ``tokenizer`` (a ``transformers``
+    fast tokenizer is accepted through its ``backend_tokenizer``)."""
+    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not isinstance(tokenizer, Tokenizer):
+        raise InputError(
+            f"expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}",
+            where="tokenizer",
+            fix="load one with jaxcombine.hf.load_tokenizer(MODEL_DIR) "
+            "or tokenizers.Tokenizer.from_file(PATH)",
+        )
+    return tokenizer
+
+
+def _ragged_to_arrays(column) -> list[np.ndarray]:
+    """A pyarrow list column (chunked) -> one int32 array per row."""
+    out: list[np.ndarray] = []
+    for chunk in column.chunks:
+        values = chunk.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        ends = np.cumsum(chunk.value_lengths().to_numpy(zero_copy_only=False))
+        out.extend(np.split(values, ends[:-1]) if len(chunk) else [])
+    return out
+
+
+def tokenize(
+    dataset: datasets.Dataset, tokenizer: Tokenizer, *, num_proc: int | None = None
+) -> list[np.ndarray]:
+    """Token ids of every document of ``dataset["text"]``, one int32 array each.
+
+    Runs ``dataset.map(batched=True)`` over ``tokenizer.encode_batch``: the ids
+    are ``tokenizer.encode(text).ids``, with exactly the special tokens the
+    tokenizer's post-processor adds (none otherwise). ``num_proc`` processes
+    share the work; ``datasets`` caches the result next to the data's cache.
+    """
+    tokenizer = _check_tokenizer(tokenizer)
+
+    def encode(batch):
+        texts = [text or "" for text in batch["text"]]
+        return {"ids": [encoding.ids for encoding in tokenizer.encode_batch(texts)]}
+
+    ids = dataset.map(
+        encode,
+        batched=True,
+        remove_columns=dataset.column_names,
+        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
+        num_proc=num_proc,
+        desc="tokenizing",
+    )
+    return _ragged_to_arrays(ids.data.column("ids"))
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _check_positive(name: str, value) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {value!r}", where=name) from None
+    if value <= 0:
+        raise InputError(f"{name} must be positive, got {value}", where=name)
+    return value
+
+
+def pack(sequences, seq_len: int, *, eos_id: int | None) -> np.ndarray:
+    """Pack documents into rows of ``seq_len + 1`` tokens: ``[num_rows, seq_len + 1]`` int32.
+
+    The documents are concatenated, each followed by ``eos_id`` when it is not
+    None (empty documents are skipped, without an ``eos_id``), then cut into
+    consecutive non-overlapping windows of ``seq_len + 1`` tokens; the
+    incomplete tail is dropped. Documents cross row boundaries (GPT packing).
+    Train on ``row[:-1]`` -> ``row[1:]``.
+
+    Example::
+
+        pack([[1, 2, 3], [4, 5]], seq_len=3, eos_id=0)
+        # tokens 1 2 3 0 4 5 0 -> [[1, 2, 3, 0]]  (tail 4 5 0 dropped)
+    """
+    seq_len = _check_positive("seq_len", seq_len)
+    width = seq_len + 1
+    if eos_id is not None:
+        eos_id = operator.index(eos_id)
+        if not 0 <= eos_id < 2**31:
+            raise InputError(f"eos_id must be a token id, got {eos_id}", where="eos_id")
+    eos = np.array([] if eos_id is None else [eos_id], dtype=np.int32)
+    pieces = []
+    for sequence in sequences:
+        ids = np.asarray(sequence, dtype=np.int32).reshape(-1)
+        if ids.size:
+            pieces += [ids, eos]
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    num_rows = tokens.size // width
+    if num_rows < 1:
+        raise InputError(
+            f"the data has {tokens.size} tokens (end-of-document tokens included); "
+            f"one row needs seq_len + 1 = {width}",
+            where="packing",
+            fix="add more text or lower seq_len",
+        )
+    return tokens[: num_rows * width].reshape(num_rows, width)
+
+
+# ----------------------------------------------------------------------------- batch order
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_rows: int, seed: int, epoch: int, *, bootstrap: bool = False) -> np.ndarray:
+    """The row indices visited in ``epoch`` (read-only, length ``num_rows``).
+
+    A permutation from ``np.random.default_rng([seed, epoch])``, or with
+    ``bootstrap=True`` ``num_rows`` draws with replacement (bagging, Breiman
+    1996) from a separate stream ``default_rng([seed, epoch, _BOOTSTRAP_STREAM])``.
+    """
+    if bootstrap:
+        order = np.random.default_rng([seed, epoch, _BOOTSTRAP_STREAM]).integers(
+            0, num_rows, num_rows
+        )
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    order.setflags(write=False)
+    return order
+
+
+def sample_indices(
+    num_rows: int, start: int, count: int, seed: int, *, bootstrap: bool = False
+) -> np.ndarray:
+    """Row indices at positions ``[start, start + count)`` of the epoch orders laid
+    end to end: position ``i`` holds ``epoch_order(N, seed, i // N)[i % N]``, N = ``num_rows``."""
+    stop = start + count
+    parts = []
+    for epoch in range(start // num_rows, (stop - 1) // num_rows + 1):
+        base = epoch * num_rows
+        order = epoch_order(num_rows, seed, epoch, bootstrap=bootstrap)
+        parts.append(order[max(start, base) - base : min(stop, base + num_rows) - base])
+    return np.concatenate(parts)
+
+
+def _check_non_negative(name: str, value) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {value!r}", where=name) from None
+    if value < 0:
+        raise InputError(f"{name} must be >= 0, got {value}", where=name)
+    return value
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    """``global_batch // process_count``, checking that it divides exactly."""
+    global_batch = _check_positive("global_batch", global_batch)
+    process_count = _check_positive("process_count", process_count)
+    if global_batch % process_count:
+        raise InputError(
+            f"global_batch {global_batch} is not divisible by process_count {process_count}",
+            where="global_batch",
+            fix=f"use a multiple of {process_count} for global_batch",
+        )
+    return global_batch // process_count
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedDataset:
+    """Packed token rows ``[N, seq_len + 1]`` (int32) and the batch order over them.
+
+    Build one with :meth:`from_files` (or from ``pack(...)`` output), then ask
+    for the rows of any step with :meth:`batch`.
+    """
+
+    rows: np.ndarray  # [N, L+1]
+
+    def __post_init__(self):
+        rows = np.asarray(self.rows)
+        if rows.ndim != 2 or rows.shape[0] < 1 or rows.shape[1] < 2:
+            raise InputError(
+                f"rows must have shape [N >= 1, seq_len + 1 >= 2], got {rows.shape}",
+                where="PackedDataset.rows",
+                fix="build the rows with jaxcombine.data.pack",
+            )
+        rows = rows.view()
+        rows.setflags(write=False)
+        object.__setattr__(self, "rows", rows)
+
+    @property
+    def num_rows(self) -> int:
+        """N, the number of packed rows (one epoch)."""
+        return self.rows.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        """L: each row holds L + 1 tokens (inputs ``row[:-1]``, targets ``row[1:]``)."""
+        return self.rows.shape[1] - 1
+
+    @classmethod
+    def from_files(
+        cls,
+        paths: PathLike | Sequence[PathLike],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        *,
+        text_column: str = "text",
+        eos_id: int | None = None,
+        num_proc: int | None = None,
+    ) -> PackedDataset:
+        """Load (:func:`load_texts`), tokenise (:func:`tokenize`) and pack
+        (:func:`pack`) the documents in ``paths``. Arguments are checked
+        before any file is read."""
+        tokenizer = _check_tokenizer(tokenizer)
+        seq_len = _check_positive("seq_len", seq_len)
+        if eos_id is not None:
+            vocab = tokenizer.get_vocab_size()
+            if not 0 <= operator.index(eos_id) < vocab:
+                raise InputError(
+                    f"eos_id {eos_id} is outside the tokenizer's vocabulary of {vocab}",
+                    where="eos_id",
+                    fix="pass tokenizer.token_to_id('<end-of-document token>')",
+                )
+        texts = load_texts(paths, text_column=text_column)
+        sequences = tokenize(texts, tokenizer, num_proc=num_proc)
+        try:
+            return cls(pack(sequences, seq_len, eos_id=eos_id))
+        except InputError as err:  # too little text: say which files
+            _, files = data_files(paths)
+            raise InputError(err.message, where=_describe(files), fix=err.fix) from None
+
+    def batch(
+        self,
+        step: int,
+        global_batch: int,
+        seed: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        bootstrap: bool = False,
+    ) -> np.ndarray:
+        """This process's rows of the batch at ``step``: ``[global_batch // process_count, L + 1]``.
+
+        The global batch is positions ``[step * global_batch, (step + 1) * global_batch)``
+        of the epoch orders (:func:`epoch_order`) laid end to end, so it spans
+        two epochs at a boundary; process ``p`` gets the contiguous slice
+        ``[p * local, (p + 1) * local)`` of it, and only those rows are read.
+        A pure function of ``(seed, step)``: resuming at a step repeats it.
+        """
+        local = local_batch_size(global_batch, process_count)
+        step = _check_non_negative("step", step)
+        seed = _check_non_negative("seed", seed)
+        process_index = _check_non_negative("process_index", process_index)
+        if process_index >= process_count:
+            raise InputError(
+                f"process_index {process_index} is not below process_count {process_count}",
+                where="process_index",
+            )
+        start = step * global_batch + process_index * local
+        return self.rows[sample_indices(self.num_rows, start, local, seed, bootstrap=bootstrap)]
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def global_batch_array(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """One global ``jax.Array`` from every process's ``local_rows``.
+
+    ``sharding`` splits the batch (first) dimension over the ``"data"`` mesh
+    axis, e.g. ``NamedSharding(mesh, P("data"))``; each process passes only its
+    own rows (from :meth:`PackedDataset.batch`), which land on its addressable
+    devices, in process order. Uses ``jax.make_array_from_process_local_data``.
+    """
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local_rows))
+
+
+__all__ = [
+    "BUILDERS",
+    "PackedDataset",
+    "data_files",
+    "epoch_order",
+    "global_batch_array",
+    "load_texts",
+    "local_batch_size",
+    "pack",
+    "sample_indices",
+    "tokenize",
+]
