@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -200,6 +201,7 @@ def save_model(
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write ``model`` as an HF directory that ``transformers`` loads.
 
@@ -211,6 +213,8 @@ def save_model(
 
     Args:
       dtype: "float32", "bfloat16" or "float16"; default: the parameters' dtype.
+      extra_files: files copied into the directory (a trained model's
+        ``tokenizer.json``, say) before it appears.
     """
     base = read_hf_config(source_dir) if source_dir is not None else None
     param_dtype = model.embed_tokens.embedding.get_value().dtype
@@ -230,4 +234,6 @@ def save_model(
             for name in SIDECAR_FILES:
                 if (Path(source_dir) / name).exists():
                     shutil.copy2(Path(source_dir) / name, tmp / name)
+        for path in extra_files:
+            shutil.copy2(path, tmp / Path(path).name)
     return out

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcombine.errors import InputError
 from jaxcombine.models._config import DecoderConfig
 from jaxcombine.models._layers import Dense, Embedding, RMSNorm, activation, dropout
 from jaxcombine.models._rope import apply_rope, inverse_frequencies
@@ -165,15 +166,21 @@ class DecoderLayer(nnx.Module):
         self.moe = SparseMoE(config.moe, dtype=dtype, rngs=rngs) if moe else None
 
     def __call__(
-        self, x, positions, mask, cache_kv, start, dropout, token_mask=None, deterministic=True
-    ):
+        self, x, positions, mask, cache_kv, start, dropout, token_mask=None, deterministic=True,
+        moe_mesh=None,
+    ):  # fmt: skip
         """Returns (y, (k, v), the MoE layer's aux or None); ``token_mask`` [B, T]
-        keeps padding out of the MoE routing."""
+        keeps padding out of the MoE routing; ``moe_mesh`` runs the MoE layer
+        expert-parallel on that mesh (:func:`~jaxcombine.moe.expert_parallel`)."""
         attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache_kv, start)
         x = x + dropout(attn)
         h = self.post_attention_layernorm(x)
         if self.moe is None:
             ffn, aux = self.mlp(h), None
+        elif moe_mesh is not None:
+            from jaxcombine.moe.parallel import expert_parallel
+
+            ffn, aux = expert_parallel(self.moe, h, moe_mesh, deterministic=deterministic)
         else:
             ffn, aux = self.moe(h, mask=token_mask, deterministic=deterministic)
         return x + dropout(ffn), kv, aux
@@ -216,6 +223,7 @@ class Decoder(nnx.Module):
         dropout_key: jax.Array | None = None,
         last_only: bool = False,
         deterministic: bool = True,
+        moe_mesh=None,
     ) -> DecoderOutput:
         """Run ``tokens`` [B, T] through the model.
 
@@ -230,9 +238,19 @@ class Decoder(nnx.Module):
           last_only: return logits and hidden states of the last position
             only ([B, 1, ...]), as a decoder's prefill needs.
           deterministic: False turns on MoE router jitter (training).
+          moe_mesh: a mesh with ``data`` and ``expert`` axes: MoE layers run
+            expert-parallel on it (experts sharded over ``expert``, routing
+            groups over both; GShard's layout, the same numbers as unsharded).
+            Not with ``token_mask`` (training on packed rows has no padding).
         """
         config = self.config
         B, T = tokens.shape
+        if moe_mesh is not None and token_mask is not None:
+            raise InputError(
+                "expert-parallel MoE layers do not take a token mask",
+                where="Decoder(moe_mesh=..., token_mask=...)",
+                fix="train on packed rows without padding, or run without moe_mesh",
+            )
         if token_mask is None:
             token_mask = jnp.ones((B, T), bool)
         token_mask = token_mask.astype(bool)
@@ -265,7 +283,7 @@ class Decoder(nnx.Module):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, (k, v), aux = layer(
                 x, positions, mask_for(config.window_of_layer(i)), cache_kv, start, dropout,
-                token_mask, deterministic,
+                token_mask, deterministic, moe_mesh,
             )  # fmt: skip
             new_keys.append(k)
             new_values.append(v)

@@ -1,0 +1,61 @@
+"""AdamW with linear warm-up, cosine decay and global-norm clipping (optax).
+
+    lr(t) = peak * t / warmup                                       t < warmup
+    lr(t) = peak * (end + (1 - end) * (1 + cos(pi * s)) / 2),  s = (t - warmup) / (steps - warmup)
+
+Updates are clipped to a global norm first (Pascanu et al. 2013), then AdamW
+(Loshchilov & Hutter 2019, arXiv:1711.05101) decays only matrices (2+
+dimensions): norms' scales and biases are not decayed, as in GPT-2 /
+nanoGPT / MaxText.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from jaxcombine.errors import ConfigError
+
+
+def learning_rate_schedule(
+    peak: float, steps: int, warmup_steps: int = 0, end_factor: float = 0.1
+) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to
+    ``end_factor * peak`` at ``steps``."""
+    if steps < 1 or not 0 <= warmup_steps <= steps:
+        raise ConfigError(
+            f"need 0 <= warmup_steps <= steps and steps >= 1, got warmup_steps={warmup_steps}, "
+            f"steps={steps}",
+            where="train.warmup_steps",
+            fix="use fewer warm-up steps than training steps",
+        )
+    if peak <= 0 or not 0 <= end_factor <= 1:
+        raise ConfigError(
+            f"need learning_rate > 0 and 0 <= end_factor <= 1, got {peak}, {end_factor}",
+            where="train.learning_rate",
+        )
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps, max(steps, warmup_steps + 1), end_value=peak * end_factor
+    )
+
+
+def adamw(
+    learning_rate: float,
+    steps: int,
+    *,
+    warmup_steps: int = 0,
+    end_factor: float = 0.1,
+    weight_decay: float = 0.1,
+    clip_norm: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """Clipping + AdamW on :func:`learning_rate_schedule` (decay on matrices only)."""
+    schedule = learning_rate_schedule(learning_rate, steps, warmup_steps, end_factor)
+    decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    parts = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
+    parts.append(
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_matrices)
+    )
+    return optax.chain(*parts)
