@@ -66,7 +66,7 @@ BASE_DEFAULTS: dict[str, Any] = {
         "b2": 0.95,
         "compute_dtype": "float32",
     },
-    "mesh": {"data": -1, "expert": 1, "model": 1},
+    "mesh": {"data": -1, "expert": 1, "model": 1, "num_devices": None},
     "log_every": 10,
     "checkpoint_every": 100,
     "keep_checkpoints": 3,
@@ -82,6 +82,7 @@ OPERATIONAL = (
     "export",
     "progress",
 )
+FREE_FORM = ("model",)  # fields checked by DecoderConfig / MoEConfig themselves
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -148,8 +149,19 @@ def merge_config(base: dict, update: Mapping, *, where: str, prefix: str = "") -
                 where=where,
                 fix=f"use one of {', '.join(prefix + k for k in base)}",
             )
-        if isinstance(base[key], dict) and base[key] and isinstance(value, Mapping):
+        if name in FREE_FORM and isinstance(value, Mapping):
+            base[key] = _merge_free(dict(base[key] or {}), value)
+        elif isinstance(base[key], dict) and base[key] and isinstance(value, Mapping):
             base[key] = merge_config(base[key], value, where=where, prefix=f"{name}.")
+        else:
+            base[key] = value
+    return base
+
+
+def _merge_free(base: dict, update: Mapping) -> dict:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            base[key] = _merge_free(dict(base[key]), value)
         else:
             base[key] = value
     return base
@@ -163,7 +175,19 @@ def job_record(kind: str, config: Mapping) -> dict:
 def start(config: Mapping):
     """Multi-host start-up and the mesh of the config's ``mesh`` section."""
     distributed.initialize()
-    return distributed.make_mesh(**config["mesh"])
+    axes = dict(config["mesh"])
+    count = axes.pop("num_devices")
+    devices = None
+    if count is not None:
+        if jax.process_count() > 1 or not 0 < count <= jax.device_count():
+            raise ConfigError(
+                f"mesh.num_devices {count} is not in 1..{jax.device_count()} (or the job "
+                "runs on several processes, which use every device)",
+                where="mesh.num_devices",
+                fix="leave mesh.num_devices unset to use every device",
+            )
+        devices = jax.devices()[:count]
+    return distributed.make_mesh(**axes, devices=devices)
 
 
 def tokenizer_path(config: Mapping) -> Path:

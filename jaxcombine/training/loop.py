@@ -121,7 +121,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
         )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
