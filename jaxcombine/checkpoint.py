@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcombine.errors import CheckpointError
+from jaxcombine.tree import path_string
 
 JOB_FILE = "job.json"
 
@@ -182,15 +183,7 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> Non
 def _dotted(path) -> str:
     """A key path as Orbax names arrays (``opt_state.1.0.count``), without the
     ``.value`` of NNX variables."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    name = ".".join(parts)
+    name = path_string(path, sep=".")
     return name.removesuffix(".value")
 
 

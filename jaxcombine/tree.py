@@ -25,8 +25,8 @@ from jaxcombine.errors import ConfigError
 PyTree = Any
 
 
-def path_string(path: tuple) -> str:
-    """A leaf path as 'layers/0/mlp/up_proj/kernel'."""
+def path_string(path: tuple, sep: str = "/") -> str:
+    """A leaf path as 'layers/0/mlp/up_proj/kernel' (parts joined by ``sep``)."""
     parts = []
     for key in path:
         for attr in ("key", "idx", "name"):
@@ -35,7 +35,7 @@ def path_string(path: tuple) -> str:
                 break
         else:
             parts.append(str(key))
-    return "/".join(parts)
+    return sep.join(parts)
 
 
 def leaf_paths(tree: PyTree) -> list[str]:
