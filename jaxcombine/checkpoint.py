@@ -9,8 +9,8 @@ A training workdir holds
 starts again there is compared with it before any checkpoint is read, so a
 changed model shape, another job's workdir or a different optimiser fail
 with an error naming every difference instead of a shape error deep inside
-Orbax (or, worse, a silent restart). Keys that may change between runs (the
-number of steps, logging and checkpoint intervals) are simply left out of
+Orbax (or, worse, a silent restart). Keys that may change between runs (logging
+and checkpoint intervals, say) are simply left out of
 the description by the caller.
 
 Checkpoints are Orbax's: written asynchronously, each step directory

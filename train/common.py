@@ -36,7 +36,7 @@ from flax import nnx
 from jaxcombine import distributed
 from jaxcombine.data import PackedDataset
 from jaxcombine.errors import ConfigError, InputError, JaxcombineError
-from jaxcombine.hf import load_model, save_model
+from jaxcombine.hf import config_to_hf, load_model, save_model
 from jaxcombine.models import Decoder, DecoderConfig
 from jaxcombine.moe import MoEConfig
 from jaxcombine.training import adamw, read_metrics, train
@@ -287,7 +287,22 @@ def make_model(config: Mapping, vocab_size: int) -> Decoder:
             f"tokenizer's ({vocab_size})",
             where="model.vocab_size",
         )
+    if config["export"]:
+        check_exportable(model.config)
     return model
+
+
+def check_exportable(model_config: DecoderConfig) -> None:
+    """Fail before training, not after, when the model cannot be written as an HF
+    directory (``export: true``)."""
+    try:
+        config_to_hf(model_config)
+    except JaxcombineError as e:
+        raise ConfigError(
+            f"the trained model could not be exported in HF format ({e.where}: {e.message})",
+            where="export",
+            fix=f"{e.fix or 'change the model'}; or set export: false (Orbax checkpoints only)",
+        ) from None
 
 
 def split_params(model: Decoder):
