@@ -39,7 +39,7 @@ from jaxcombine.errors import ConfigError, InputError, JaxcombineError
 from jaxcombine.hf import config_to_hf, load_model, save_model
 from jaxcombine.models import Decoder, DecoderConfig
 from jaxcombine.moe import MoEConfig
-from jaxcombine.training import adamw, read_metrics, train
+from jaxcombine.training import adamw, train
 
 BASE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -272,13 +272,13 @@ def _build(cls, fields: Mapping, where: str):
 def make_model(config: Mapping, vocab_size: int) -> Decoder:
     """The model to train: ``init_from`` (an HF directory) or a fresh one from ``model``."""
     if config["init_from"] is not None:
-        model = load_model(config["init_from"], dtype=jnp.float32)
         if config["model"]:
             raise ConfigError(
                 "model and init_from are both set",
                 where="model",
                 fix="leave model empty when starting from init_from",
             )
+        model = load_model(config["init_from"], dtype=jnp.float32)
     else:
         model = Decoder(decoder_config(config["model"], vocab_size), rngs=nnx.Rngs(config["seed"]))
     if model.config.vocab_size < vocab_size:
@@ -373,8 +373,3 @@ def export(config: Mapping, workdir, graphdef, params, tokenizer_file: Path) -> 
         return None
     model = nnx.merge(graphdef, params)
     return save_model(model, Path(workdir) / "model", overwrite=True, extra_files=[tokenizer_file])
-
-
-def last_loss(workdir) -> float | None:
-    records = read_metrics(workdir)
-    return records[-1]["loss"] if records else None

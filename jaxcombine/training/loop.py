@@ -55,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcombine.checkpoint import abstract_like, check_job, checkpoint_manager, restore_latest
+from jaxcombine.data import global_batch_array
 from jaxcombine.errors import ConfigError
 from jaxcombine.sharding import DEFAULT_RULES, Rules, state_shardings
 
@@ -233,9 +234,7 @@ def _shardings_of(tree: Any) -> Any:
 
 def _global_batch(local, sharding: NamedSharding):
     """This process's rows of every batch array -> global arrays sharded by rows."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
-    )
+    return jax.tree.map(lambda x: global_batch_array(x, sharding), local)
 
 
 def _append_metrics(path: Path, record: Mapping) -> None:
