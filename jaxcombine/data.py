@@ -163,6 +163,24 @@ def _describe(files: Sequence[str]) -> str:
     return ", ".join(files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
 
 
+def _load_dataset(paths: PathLike | Sequence[PathLike]) -> tuple[datasets.Dataset, str]:
+    """(the ``train`` split of the files in ``paths``, a description for errors)."""
+    builder, files = data_files(paths)
+    where = _describe(files)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        cause = err
+        while cause.__cause__ is not None:  # the innermost error says what is wrong
+            cause = cause.__cause__
+        raise InputError(
+            f"cannot read the data files as {builder!r}: {type(cause).__name__}: {cause}",
+            where=where,
+            fix="check that every file is valid and that all files have the same columns",
+        ) from err
+    return dataset, where
+
+
 def load_texts(
     paths: PathLike | Sequence[PathLike], *, text_column: str = "text"
 ) -> datasets.Dataset:
@@ -180,19 +198,7 @@ def load_texts(
         texts = load_texts(["a.jsonl", "b.jsonl"], text_column="content")
         texts["text"][0]
     """
-    builder, files = data_files(paths)
-    where = _describe(files)
-    try:
-        dataset = datasets.load_dataset(builder, data_files=files, split="train")
-    except Exception as err:  # datasets raises many types for unreadable files
-        cause = err
-        while cause.__cause__ is not None:  # the innermost error says what is wrong
-            cause = cause.__cause__
-        raise InputError(
-            f"cannot read the data files as {builder!r}: {type(cause).__name__}: {cause}",
-            where=where,
-            fix="check that every file is valid and that all files have the same columns",
-        ) from err
+    dataset, where = _load_dataset(paths)
     if text_column not in dataset.column_names:
         raise InputError(
             f"no column {text_column!r}; the data has columns {dataset.column_names}",
@@ -373,6 +379,36 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
+def local_batch_indices(
+    num_rows: int,
+    step: int,
+    global_batch: int,
+    seed: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    bootstrap: bool = False,
+) -> np.ndarray:
+    """The row indices process ``process_index`` holds of the global batch at ``step``.
+
+    The global batch is positions ``[step * global_batch, (step + 1) * global_batch)``
+    of the epoch orders laid end to end (:func:`sample_indices`); process ``p``
+    gets the contiguous slice ``[p * local, (p + 1) * local)`` of it,
+    ``local = global_batch // process_count``.
+    """
+    local = local_batch_size(global_batch, process_count)
+    step = _check_non_negative("step", step)
+    seed = _check_non_negative("seed", seed)
+    process_index = _check_non_negative("process_index", process_index)
+    if process_index >= process_count:
+        raise InputError(
+            f"process_index {process_index} is not below process_count {process_count}",
+            where="process_index",
+        )
+    start = step * global_batch + process_index * local
+    return sample_indices(num_rows, start, local, seed, bootstrap=bootstrap)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PackedDataset:
     """Packed token rows ``[N, seq_len + 1]`` (int32) and the batch order over them.
@@ -455,17 +491,119 @@ class PackedDataset:
         ``[p * local, (p + 1) * local)`` of it, and only those rows are read.
         A pure function of ``(seed, step)``: resuming at a step repeats it.
         """
-        local = local_batch_size(global_batch, process_count)
-        step = _check_non_negative("step", step)
-        seed = _check_non_negative("seed", seed)
-        process_index = _check_non_negative("process_index", process_index)
-        if process_index >= process_count:
-            raise InputError(
-                f"process_index {process_index} is not below process_count {process_count}",
-                where="process_index",
+        return self.rows[
+            local_batch_indices(
+                self.num_rows, step, global_batch, seed,
+                process_index=process_index, process_count=process_count, bootstrap=bootstrap,
             )
-        start = step * global_batch + process_index * local
-        return self.rows[sample_indices(self.num_rows, start, local, seed, bootstrap=bootstrap)]
+        ]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TableDataset:
+    """Examples for a classifier: ``features`` [N, F] (float32) and ``labels`` [N] (int32),
+    batched in the same seeded order as :class:`PackedDataset`.
+
+    Example::
+
+        data = TableDataset.from_files("points.csv", features=["x0", "x1"], label="label")
+        batch = data.batch(step, 64, seed=0)          # {"x": [64, 2], "y": [64]}
+    """
+
+    features: np.ndarray  # [N, F] float32
+    labels: np.ndarray  # [N] int32
+
+    def __post_init__(self):
+        features = np.asarray(self.features, np.float32)
+        labels = np.asarray(self.labels)
+        if features.ndim != 2 or labels.shape != features.shape[:1] or not len(labels):
+            raise InputError(
+                f"need features [N, F] and labels [N] with N >= 1, got {features.shape} "
+                f"and {labels.shape}",
+                where="TableDataset",
+            )
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise InputError(
+                "labels must be non-negative integers (class indices)",
+                where="TableDataset.labels",
+                fix="map the classes to 0..C-1",
+            )
+        for name, value in (("features", features), ("labels", labels.astype(np.int32))):
+            value = value.view()
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
+
+    @property
+    def num_rows(self) -> int:
+        """N, the number of examples (one epoch)."""
+        return self.labels.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        """F, the width of a feature vector."""
+        return self.features.shape[1]
+
+    @classmethod
+    def from_files(
+        cls,
+        paths: PathLike | Sequence[PathLike],
+        *,
+        features: str | Sequence[str],
+        label: str = "label",
+    ) -> TableDataset:
+        """Read a table with ``datasets`` (csv, JSON lines, parquet, arrow, ...).
+
+        ``features`` names one column of fixed-length numeric lists, or several
+        numeric columns (concatenated in that order); ``label`` the column of
+        integer classes. A missing column or a non-numeric one is an
+        :class:`~jaxcombine.errors.InputError` naming it.
+        """
+        dataset, where = _load_dataset(paths)
+        names = [features] if isinstance(features, str) else list(features)
+        if not names:
+            raise InputError("no feature columns given", where="features")
+        for name in (*names, label):
+            if name not in dataset.column_names:
+                raise InputError(
+                    f"no column {name!r}; the data has columns {dataset.column_names}",
+                    where=where,
+                    fix="name the feature and label columns of the table",
+                )
+        table = dataset.with_format("numpy")
+        try:
+            columns = [np.asarray(table[name], np.float32) for name in names]
+            labels = np.asarray(table[label])
+        except (ValueError, TypeError) as err:
+            raise InputError(
+                f"the feature columns {names} are not numeric (or not of one length): {err}",
+                where=where,
+            ) from None
+        columns = [c.reshape(len(c), -1) for c in columns]
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(
+                f"column {label!r} holds {labels.dtype}, not integer classes",
+                where=where,
+                fix="store the classes as integers 0..C-1",
+            )
+        return cls(np.concatenate(columns, axis=1), labels)
+
+    def batch(
+        self,
+        step: int,
+        global_batch: int,
+        seed: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        bootstrap: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """This process's examples of the batch at ``step``: ``{"x": [b, F], "y": [b]}``
+        with ``b = global_batch // process_count`` (order as :meth:`PackedDataset.batch`)."""
+        index = local_batch_indices(
+            self.num_rows, step, global_batch, seed,
+            process_index=process_index, process_count=process_count, bootstrap=bootstrap,
+        )  # fmt: skip
+        return {"x": self.features[index], "y": self.labels[index]}
 
 
 # ----------------------------------------------------------------------------- devices
@@ -485,10 +623,12 @@ def global_batch_array(local_rows: np.ndarray, sharding: NamedSharding) -> jax.A
 __all__ = [
     "BUILDERS",
     "PackedDataset",
+    "TableDataset",
     "data_files",
     "epoch_order",
     "global_batch_array",
     "load_texts",
+    "local_batch_indices",
     "local_batch_size",
     "pack",
     "sample_indices",

@@ -6,6 +6,7 @@ A job's configuration is a YAML file of sections (see ``configs/train/``)::
     model: {hidden_size: 64, ...}     # DecoderConfig fields (vocab from the tokenizer)
     init_from: null                   # or an HF model directory to start from
     data: {files: [...], tokenizer: DIR_OR_tokenizer.json, seq_len: 64, ...}
+                                      # (classifiers: files, features, label)
     train: {steps: 200, global_batch: 16, learning_rate: 3.0e-3, ...}
     mesh: {data: -1, expert: 1, model: 1}
     log_every: 10
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +36,7 @@ import yaml
 from flax import nnx
 
 from jaxcombine import distributed
-from jaxcombine.data import PackedDataset
+from jaxcombine.data import PackedDataset, TableDataset
 from jaxcombine.errors import ConfigError, InputError, JaxcombineError
 from jaxcombine.hf import config_to_hf, load_model, save_model
 from jaxcombine.models import Decoder, DecoderConfig
@@ -53,6 +55,8 @@ BASE_DEFAULTS: dict[str, Any] = {
         "eos_token": None,
         "bootstrap": False,
         "data_seed": None,
+        "features": None,  # classifier jobs: feature column(s) of a table
+        "label": "label",  # classifier jobs: the column of integer classes
     },
     "train": {
         "steps": 100,
@@ -86,6 +90,22 @@ FREE_FORM = ("model",)  # fields checked by DecoderConfig / MoEConfig themselves
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with 1.2 floats: ``3e-3`` is a number (PyYAML's 1.1 rules read a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    """A YAML document (``3e-3`` and ``1.0e-3`` are floats)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def entry(main) -> None:
     """Run ``main(sys.argv[1:])``; a :class:`JaxcombineError` is printed without a
     traceback and exits with status 2."""
@@ -103,7 +123,7 @@ def parse_args(argv: Sequence[str] | None, job: str) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the job's YAML configuration")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, the model")
     parser.add_argument("overrides", nargs="*", help="key.path=value (YAML values)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before --workdir too
 
 
 def load_config(path: str | Path, overrides: Sequence[str], defaults: Mapping) -> dict:
@@ -116,7 +136,7 @@ def load_config(path: str | Path, overrides: Sequence[str], defaults: Mapping) -
             where=str(path),
             fix="pass --config with a YAML file (see configs/train/)",
         )
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = parse_yaml(path.read_text()) or {}
     if not isinstance(loaded, Mapping):
         raise ConfigError("the config must be a mapping of sections", where=str(path))
     config = merge_config(copy.deepcopy(dict(defaults)), loaded, where=str(path))
@@ -133,7 +153,7 @@ def load_config(path: str | Path, overrides: Sequence[str], defaults: Mapping) -
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_yaml(value)
         config = merge_config(config, nested, where="command line")
     return config
 
@@ -232,7 +252,7 @@ def load_data(config: Mapping, tokenizer) -> PackedDataset:
     )
 
 
-def batch_reader(config: Mapping, dataset: PackedDataset):
+def batch_reader(config: Mapping, dataset: PackedDataset | TableDataset):
     """``step -> this process's rows`` of the global batch (pure in the step)."""
     index, count = distributed.process_info()
     data, batch = config["data"], config["train"]["global_batch"]
@@ -362,7 +382,7 @@ def run(kind: str, config: Mapping, workdir, loss_fn, params, dataset, mesh, con
         checkpoint_every=config["checkpoint_every"],
         keep_checkpoints=config["keep_checkpoints"],
         async_checkpoints=config["async_checkpoints"],
-        tokens_per_row=dataset.seq_len,
+        tokens_per_row=dataset.seq_len if isinstance(dataset, PackedDataset) else 1,
         progress=config["progress"],
     )
 

@@ -21,6 +21,12 @@ data rows with the jitted decoder (greedy, or sampled at
 (by default the hard term only: h = 1).
 
 Teacher and student must share the tokenizer's vocabulary.
+
+MLP classifiers (``train.classifier`` outputs as ``teachers``) are distilled
+the same way in token mode: the data is a table (``data.files``,
+``data.features``, ``data.label``), the student's ``model`` section holds
+``hidden_sizes`` (and ``dropout_rate``), and the loss is the same mix of
+hard labels and the tempered KL to the combined classifiers.
 """
 
 from __future__ import annotations
@@ -35,17 +41,18 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tokenizers import Tokenizer
 
+from jaxcombine import tree
 from jaxcombine.data import PackedDataset
 from jaxcombine.decoding import Decodable, Sampling, generate
-from jaxcombine.distill import distillation_loss, teacher_log_probs
+from jaxcombine.distill import distillation_loss, ensemble_log_probs, teacher_log_probs
 from jaxcombine.ensemble import Combination, StackedForward, stack_members
 from jaxcombine.errors import ConfigError
-from jaxcombine.hf import load_model
+from jaxcombine.hf import classifier_config, is_classifier_dir, load_classifier, load_model
 from jaxcombine.training import place
-from train import common
+from train import classifier, common
 
 DEFAULTS = {
-    **common.BASE_DEFAULTS,
+    **common.BASE_DEFAULTS,  # for classifier teachers, configs/train/classifier_tiny.yml
     "teachers": [],
     "combine": "linear",
     "weights": None,
@@ -60,10 +67,7 @@ def load_teachers(config, vocab_size: int):
     """(stacked forward, stacked parameters) of the ``teachers``; a clear error
     for none, a missing directory, different architectures or a vocabulary
     that differs from the student's tokenizer."""
-    paths = config["teachers"]
-    if not paths:
-        raise ConfigError("no teachers given", where="teachers",
-                          fix="list the HF model directories of the ensemble members")  # fmt: skip
+    paths = teacher_paths(config)
     models = [load_model(path, dtype=jnp.float32) for path in paths]
     for path, model in zip(paths, models, strict=True):
         if model.config.vocab_size != vocab_size:
@@ -73,11 +77,42 @@ def load_teachers(config, vocab_size: int):
                 where=f"teachers: {path}",
                 fix="distil teachers that use the student's tokenizer",
             )
-    weights = None if config["weights"] is None else tuple(config["weights"])
-    combination = Combination(config["combine"], weights)
-    combination.check_members(len(models))
     graphdef, params = stack_members(models)
-    return StackedForward(graphdef, combination), params, models[0].config
+    return StackedForward(graphdef, combination(config, len(models))), params, models[0].config
+
+
+def teacher_paths(config) -> list:
+    """The ``teachers`` directories (a clear error when there are none)."""
+    if not config["teachers"]:
+        raise ConfigError("no teachers given", where="teachers",
+                          fix="list the model directories of the ensemble members")  # fmt: skip
+    return list(config["teachers"])
+
+
+def combination(config, num_members: int) -> Combination:
+    """The ensemble's rule (``combine``, ``weights``), checked against the members."""
+    weights = None if config["weights"] is None else tuple(config["weights"])
+    rule = Combination(config["combine"], weights)
+    rule.check_members(num_members)
+    return rule
+
+
+def load_classifier_teachers(config):
+    """(graph definition, stacked parameters, rule, config.json fields) of MLP-classifier
+    teachers; members must have the same sizes."""
+    paths = teacher_paths(config)
+    models = [load_classifier(path) for path in paths]
+    sizes = [classifier_config(m) for m in models]
+    for path, size in zip(paths, sizes, strict=True):
+        if {**size, "dropout_rate": 0} != {**sizes[0], "dropout_rate": 0}:
+            raise ConfigError(
+                f"teacher {size} differs from the first teacher's {sizes[0]}",
+                where=f"teachers: {path}",
+                fix="stack classifiers of one shape (train them with one model section)",
+            )
+    graphdef, _ = nnx.split(models[0], nnx.Param)
+    params = tree.stack([nnx.state(m, nnx.Param) for m in models])
+    return graphdef, params, combination(config, len(models)), sizes[0]
 
 
 def check_student(student_config, teacher_config) -> None:
@@ -129,12 +164,42 @@ def ensemble_sequences(teacher, params, teacher_config, dataset: PackedDataset, 
     return dataclasses.replace(dataset, rows=np.concatenate(rows))
 
 
-def main(argv=None) -> None:
-    args = common.parse_args(argv, "distill")
-    config = common.load_config(args.config, args.overrides, DEFAULTS)
-    if config["mode"] not in ("token", "sequence"):
-        raise ConfigError(f"unknown mode {config['mode']!r}", where="mode",
-                          fix="use token or sequence")  # fmt: skip
+def classifier_distill_loss(student_graphdef, teacher_graphdef, rule, temperature, hard_weight):
+    """``loss(params, {"x", "y"}, key, teacher_params)``: the distillation loss of an
+    MLP-classifier student against the classifier ensemble (dropout from ``key``)."""
+
+    def loss(params, batch, key, teacher_params):
+        teacher_lp = ensemble_log_probs(teacher_graphdef, teacher_params, batch["x"], rule)
+        student = nnx.merge(student_graphdef, params)(batch["x"], dropout_key=key)
+        return distillation_loss(
+            student, teacher_lp, batch["y"], temperature=temperature, hard_weight=hard_weight
+        )
+
+    return loss
+
+
+def hard_weight(config) -> float:
+    """``hard_weight`` (default 0 in token mode, 1 in sequence mode), checked with the
+    temperature."""
+    weight = config["hard_weight"]
+    if weight is None:
+        weight = 1.0 if config["mode"] == "sequence" else 0.0
+    if not 0.0 <= weight <= 1.0 or config["temperature"] <= 0:
+        raise ConfigError(
+            f"need 0 <= hard_weight <= 1 and temperature > 0, got {weight}, "
+            f"{config['temperature']}",
+            where="hard_weight",
+        )
+    return weight
+
+
+def replicated(mesh, tree_):
+    """Teachers' parameters on every device of ``mesh``."""
+    sharding = NamedSharding(mesh, P())
+    return place(tree_, jax.tree.map(lambda _: sharding, tree_))
+
+
+def distill_decoders(config, workdir) -> None:
     mesh = common.start(config)
     tokenizer_file = common.tokenizer_path(config)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -142,25 +207,55 @@ def main(argv=None) -> None:
     teacher, teacher_params, teacher_config = load_teachers(config, tokenizer.get_vocab_size())
     student = common.make_model(config, tokenizer.get_vocab_size())
     check_student(student.config, teacher_config)
+    weight = hard_weight(config)
     if config["mode"] == "sequence":
         dataset = ensemble_sequences(teacher, teacher_params, teacher_config, dataset, config)
-    hard_weight = config["hard_weight"]
-    if hard_weight is None:
-        hard_weight = 1.0 if config["mode"] == "sequence" else 0.0
-    if not 0.0 <= hard_weight <= 1.0 or config["temperature"] <= 0:
-        raise ConfigError(
-            f"need 0 <= hard_weight <= 1 and temperature > 0, got {hard_weight}, "
-            f"{config['temperature']}",
-            where="hard_weight",
-        )
-    replicated = NamedSharding(mesh, P())
-    teacher_params = place(teacher_params, jax.tree.map(lambda _: replicated, teacher_params))
     graphdef, params = common.split_params(student)
-    loss = distill_loss(graphdef, teacher, config["temperature"], hard_weight)
+    loss = distill_loss(graphdef, teacher, config["temperature"], weight)
+    teacher_params = replicated(mesh, teacher_params)
     params = common.run(
-        "distill", config, args.workdir, loss, params, dataset, mesh, constants=teacher_params
+        "distill", config, workdir, loss, params, dataset, mesh, constants=teacher_params
     )
-    common.export(config, args.workdir, graphdef, params, tokenizer_file)
+    common.export(config, workdir, graphdef, params, tokenizer_file)
+
+
+def distill_classifiers(config, workdir) -> None:
+    if config["mode"] != "token":
+        raise ConfigError("classifiers are distilled in token mode only", where="mode",
+                          fix="use mode: token")  # fmt: skip
+    mesh = common.start(config)
+    dataset = classifier.load_table(config)
+    teacher_graphdef, teacher_params, rule, sizes = load_classifier_teachers(config)
+    if sizes["in_features"] != dataset.num_features:
+        raise ConfigError(
+            f"the teachers take {sizes['in_features']} features, the data has "
+            f"{dataset.num_features}",
+            where="data.features",
+            fix="give the features the teachers were trained on",
+        )
+    student = classifier.make_classifier(config, dataset, sizes["num_classes"])
+    graphdef, params = common.split_params(student)
+    loss = classifier_distill_loss(
+        graphdef, teacher_graphdef, rule, config["temperature"], hard_weight(config)
+    )
+    teacher_params = replicated(mesh, teacher_params)
+    params = common.run(
+        "distill", config, workdir, loss, params, dataset, mesh, constants=teacher_params
+    )
+    classifier.export(config, workdir, graphdef, params)
+
+
+def main(argv=None) -> None:
+    args = common.parse_args(argv, "distill")
+    config = common.load_config(args.config, args.overrides, DEFAULTS)
+    if config["mode"] not in ("token", "sequence"):
+        raise ConfigError(f"unknown mode {config['mode']!r}", where="mode",
+                          fix="use token or sequence")  # fmt: skip
+    paths = teacher_paths(config)
+    if is_classifier_dir(paths[0]):
+        distill_classifiers(config, args.workdir)
+    else:
+        distill_decoders(config, args.workdir)
 
 
 if __name__ == "__main__":

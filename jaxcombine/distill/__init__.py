@@ -11,15 +11,23 @@ Sequence level (Kim & Rush 2016, arXiv:1606.07947): the student is trained on
 the teacher's own generations (see ``train/distill.py``).
 
 Teachers (:func:`teacher_log_probs`) run inside the jitted training step
-under ``stop_gradient``; they are arguments of the step, never part of the
+under ``stop_gradient`` (:func:`ensemble_log_probs` for stacked members of
+any other module, such as MLP classifiers); they are arguments of the step, never part of the
 trained (or checkpointed) state.
 """
 
 from jaxcombine.distill._losses import (
     distillation_loss,
+    ensemble_log_probs,
     soft_cross_entropy,
     teacher_log_probs,
     tempered_kl,
 )
 
-__all__ = ["distillation_loss", "soft_cross_entropy", "teacher_log_probs", "tempered_kl"]
+__all__ = [
+    "distillation_loss",
+    "ensemble_log_probs",
+    "soft_cross_entropy",
+    "teacher_log_probs",
+    "tempered_kl",
+]

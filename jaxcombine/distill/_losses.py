@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxcombine.training.losses import token_cross_entropy
 
@@ -62,3 +63,14 @@ def teacher_log_probs(teacher, params, tokens, mask=None):
         mask = jnp.ones(tokens.shape, bool)
     logits, _ = teacher(jax.lax.stop_gradient(params), tokens, mask, None)
     return jax.lax.stop_gradient(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def ensemble_log_probs(graphdef, stacked_params, inputs, combination):
+    """Combined log-probabilities [..., C] of stacked members of any module that maps
+    ``inputs`` to logits (e.g. :class:`~jaxcombine.models.MLPClassifier`), with no
+    gradient: each member's forward is vmapped over the leading axis of
+    ``stacked_params`` and the logits [N, ..., C] combined by ``combination``
+    (a :class:`~jaxcombine.ensemble.Combination`)."""
+    params = jax.lax.stop_gradient(stacked_params)
+    logits = jax.vmap(lambda p: nnx.merge(graphdef, p)(inputs))(params)
+    return jax.lax.stop_gradient(combination(logits))

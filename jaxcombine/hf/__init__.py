@@ -5,6 +5,11 @@ import importlib
 # Names load their module on first use (PEP 562), so that reading safetensors
 # headers (``jaxcombine merge``) does not import flax and the model code.
 _SUBMODULE = {
+    "CLASSIFIER_MODEL_TYPE": "_classifier",
+    "classifier_config": "_classifier",
+    "is_classifier_dir": "_classifier",
+    "load_classifier": "_classifier",
+    "save_classifier": "_classifier",
     "SUPPORTED_MODEL_TYPES": "_config",
     "config_from_hf": "_config",
     "config_to_hf": "_config",
@@ -37,20 +42,25 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CLASSIFIER_MODEL_TYPE",
     "SUPPORTED_MODEL_TYPES",
     "SafetensorsCheckpoint",
     "TensorInfo",
     "TensorMap",
+    "classifier_config",
     "config_from_hf",
     "config_to_hf",
     "decoder_tensor_maps",
     "hf_tensors",
+    "is_classifier_dir",
+    "load_classifier",
     "load_config",
     "load_model",
     "load_tokenizer",
     "parse_size",
     "read_hf_config",
     "require_model_dir",
+    "save_classifier",
     "save_model",
     "write_shards",
 ]
