@@ -1,0 +1,111 @@
+"""Train several small models at once, in memory: the tour's trainer.
+
+Members share one architecture and differ in their initial parameters, their
+data order (``seeds``) and, for bagging, their bootstrap resamples. Their
+parameters are stacked on a leading axis, the training step of
+:func:`jaxcombine.training.make_train_step` is vmapped over that axis and
+``lax.scan``-ed over ``chunk`` steps, so N members cost one compiled program
+and one dispatch per chunk. Member ``m`` at step ``t`` sees exactly the batch
+``data.batch(t, batch_size, seeds[m], bootstrap=...)`` and the key
+``fold_in(key(seeds[m]), t)`` -- what :func:`jaxcombine.training.train` would
+give a job with that seed, without checkpoints or a mesh.
+
+Example::
+
+    result = fit(graphdef, stacked_params, lm_loss, data, seeds=[0, 1, 2, 3],
+                 steps=300, batch_size=32, optimizer=adamw(3e-3, 300))
+    members = [nnx.merge(graphdef, p) for p in tree.unstack(result.params)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxcombine.training import make_train_step
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Stacked final parameters [N, ...], training losses [N, steps] and the stacked
+    parameters at each of ``snapshot_steps`` (after that many steps)."""
+
+    params: Any
+    losses: np.ndarray
+    snapshots: dict[int, Any]
+
+
+def fit(
+    params: Any,
+    loss_fn: Callable,
+    data,
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation,
+    bootstrap: bool = False,
+    chunk: int = 25,
+    snapshot_steps: Sequence[int] = (),
+    constants: Any = None,
+    desc: str | None = None,
+) -> FitResult:
+    """Train the members whose parameters are stacked in ``params`` (leading axis N =
+    ``len(seeds)``) with ``loss_fn(params, batch, key, constants) -> (loss, metrics)``
+    on ``data`` (a :class:`~jaxcombine.data.PackedDataset` or
+    :class:`~jaxcombine.data.TableDataset`). See the module docstring."""
+    count = len(seeds)
+    if jax.tree.leaves(params)[0].shape[0] != count:
+        raise ValueError(f"params are stacked for {jax.tree.leaves(params)[0].shape[0]} members, "
+                         f"seeds for {count}")  # fmt: skip
+    step = make_train_step(loss_fn, optimizer)
+    members_step = jax.vmap(step, in_axes=(0, 0, 0, None))
+
+    @jax.jit
+    def run_chunk(state, batches, steps_, seeds_, constants):
+        def body(state, inputs):
+            batch, t = inputs
+            keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), t))(seeds_)
+            state, metrics = members_step(state, batch, keys, constants)
+            return state, metrics["loss"]
+
+        return jax.lax.scan(body, state, (batches, steps_))
+
+    state = {
+        "step": jnp.zeros((count,), jnp.int32),
+        "params": params,
+        "opt_state": jax.vmap(optimizer.init)(params),
+    }
+    seeds_array = jnp.asarray(seeds, jnp.uint32)
+    losses, snapshots = [], {}
+    wanted = sorted(set(snapshot_steps))
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=desc is None, unit="step")
+    done = 0
+    while done < steps:
+        stop = min(done + chunk, steps, *[s for s in wanted if s > done] or [steps])
+        span = range(done, stop)
+        batches = [
+            [data.batch(t, batch_size, seed, bootstrap=bootstrap) for seed in seeds] for t in span
+        ]
+        batches = _stack_host([_stack_host(members) for members in batches])
+        span_array = jnp.asarray(np.arange(done, stop), jnp.uint32)
+        state, chunk_losses = run_chunk(state, batches, span_array, seeds_array, constants)
+        losses.append(np.asarray(chunk_losses))
+        done = stop
+        if done in wanted:
+            snapshots[done] = jax.tree.map(jnp.copy, state["params"])
+        bar.update(len(span))
+    bar.close()
+    return FitResult(state["params"], np.concatenate(losses).T, snapshots)
+
+
+def _stack_host(items: Sequence[Any]) -> Any:
+    """Host batches -> one batch with a new leading axis (numpy, no device copies)."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *items)

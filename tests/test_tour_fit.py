@@ -1,0 +1,59 @@
+"""The tour's trainer: N members vmapped and scanned = each member trained alone
+by the jitted step of jaxcombine.training, one step at a time."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcombine import tree
+from jaxcombine.data import TableDataset
+from jaxcombine.models import MLPClassifier
+from jaxcombine.tour.fit import fit
+from jaxcombine.training import adamw, make_train_step, token_cross_entropy
+
+
+def _loss(graphdef):
+    def loss(params, batch, key, constants):
+        logits = nnx.merge(graphdef, params)(batch["x"], dropout_key=key)
+        return token_cross_entropy(logits, batch["y"]), {}
+
+    return loss
+
+
+def test_vmapped_members_equal_members_trained_one_by_one():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 3)).astype(np.float32)
+    data = TableDataset(x, (x[:, 0] * x[:, 1] > 0).astype(np.int64))
+    seeds = [3, 5, 8]
+    models = [MLPClassifier(3, (16,), 2, dropout_rate=0.2, rngs=nnx.Rngs(s)) for s in seeds]
+    graphdef, _ = nnx.split(models[0], nnx.Param)
+    optimizer = adamw(1e-2, 23, warmup_steps=4)
+    stacked = tree.stack([nnx.state(m, nnx.Param) for m in models])
+    result = fit(
+        stacked, _loss(graphdef), data, seeds=seeds, steps=23, batch_size=8,
+        optimizer=optimizer, bootstrap=True, chunk=5, snapshot_steps=[7, 20],
+    )  # fmt: skip
+    assert result.losses.shape == (3, 23)
+    assert sorted(result.snapshots) == [7, 20]
+    step = jax.jit(make_train_step(_loss(graphdef), optimizer))
+    for m, (model, seed) in enumerate(zip(models, seeds, strict=True)):
+        params = nnx.state(model, nnx.Param)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": optimizer.init(params)}  # fmt: skip
+        losses = []
+        for t in range(23):
+            batch = data.batch(t, 8, seed, bootstrap=True)
+            state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(seed), t), None)
+            losses.append(float(metrics["loss"]))
+            if t + 1 in result.snapshots:
+                _assert_close(tree.unstack(result.snapshots[t + 1])[m], state["params"])
+        np.testing.assert_allclose(result.losses[m], losses, rtol=1e-5, atol=1e-6)
+        _assert_close(tree.unstack(result.params)[m], state["params"])
+
+
+def _assert_close(got, expected):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
