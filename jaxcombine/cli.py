@@ -261,6 +261,28 @@ def cmd_extract_lora(args) -> dict:
     )
 
 
+def cmd_tour(args) -> dict:
+    from jaxcombine.tour.run import run_tour
+
+    sections = None
+    if args.sections:
+        try:
+            sections = [int(n) for n in args.sections.split(",")]
+        except ValueError:
+            raise InputError(f"--sections {args.sections!r} is not a list of numbers",
+                             where="--sections", fix="e.g. --sections 1,6") from None  # fmt: skip
+    echo = (lambda _: None) if args.json else print
+    done = run_tour(args.out, quick=args.quick, data=args.data, sections=sections, echo=echo)
+    claims = [
+        {"section": s.number, "statement": c.statement, "held": c.held}
+        for s in done
+        for c in s.claims
+    ]
+    held = sum(c["held"] for c in claims)
+    message = f"claims held: {held} of {len(claims)}; report: {args.out}/report.md"
+    return {"out": args.out, "claims": claims, "message": message}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxcombine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"jaxcombine {__version__}")
@@ -346,6 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     lo.add_argument("--json", action="store_true", help="print one JSON object")
     lo.set_defaults(run=cmd_extract_lora)
+
+    tour = sub.add_parser(
+        "tour", help="train small models on embedded data and compare every way of combining them"
+    )
+    tour.add_argument(
+        "--out", default="jaxcombine-tour", help="report directory (default: %(default)s)"
+    )
+    tour.add_argument(
+        "--quick", action="store_true", help="small sizes (about 3 minutes on 2 cores)"
+    )
+    tour.add_argument(
+        "--data",
+        action="append",
+        help="local text files or directories instead of the stdlib corpus (repeatable)",
+    )
+    tour.add_argument("--sections", help="comma-separated section numbers (default: all)")
+    tour.add_argument("--json", action="store_true", help="print results.json's claims as JSON")
+    tour.set_defaults(run=cmd_tour)
     return parser
 
 

@@ -12,22 +12,10 @@ tokenizer) unless ``export: false``.
 
 from __future__ import annotations
 
-from flax import nnx
 from tokenizers import Tokenizer
 
-from jaxcombine.training import token_cross_entropy
+from jaxcombine.training import lm_loss
 from train import common
-
-
-def lm_loss(graphdef, moe_mesh=None):
-    """``loss(params, rows [B, L+1], key, constants)``: mean next-token cross-entropy."""
-
-    def loss(params, rows, key, constants):
-        del key, constants
-        out = nnx.merge(graphdef, params)(rows[:, :-1], moe_mesh=moe_mesh)
-        return token_cross_entropy(out.logits, rows[:, 1:]), {}
-
-    return loss
 
 
 def main(argv=None) -> None:

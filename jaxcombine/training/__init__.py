@@ -12,7 +12,7 @@ from jaxcombine.training.loop import (
     read_metrics,
     train,
 )
-from jaxcombine.training.losses import moe_aux_losses, token_cross_entropy
+from jaxcombine.training.losses import lm_loss, moe_aux_losses, token_cross_entropy
 from jaxcombine.training.optimizer import adamw, learning_rate_schedule
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "batch_sharding",
     "check_global_batch",
     "learning_rate_schedule",
+    "lm_loss",
     "make_train_step",
     "moe_aux_losses",
     "param_shardings",

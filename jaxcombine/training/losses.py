@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None):
@@ -15,6 +16,19 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array |
         return jnp.mean(losses)
     mask = mask.astype(jnp.float32)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def lm_loss(graphdef, moe_mesh=None):
+    """``loss(params, rows [B, L+1], key, constants) -> (loss, {})`` for
+    :func:`~jaxcombine.training.train`: the decoder ``graphdef`` with ``params``
+    reads ``rows[:, :-1]``; the loss is the mean cross-entropy of ``rows[:, 1:]``."""
+
+    def loss(params, rows, key, constants):
+        del key, constants
+        out = nnx.merge(graphdef, params)(rows[:, :-1], moe_mesh=moe_mesh)
+        return token_cross_entropy(out.logits, rows[:, 1:]), {}
+
+    return loss
 
 
 def moe_aux_losses(moe_aux, load_balancing_weight: float, z_loss_weight: float):

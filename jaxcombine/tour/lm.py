@@ -1,0 +1,86 @@
+"""Small language models for the tour: configs, stacked initialisation, held-out NLL.
+
+Every model of a section shares one :class:`~jaxcombine.models.DecoderConfig`,
+so members stack on a leading axis (:func:`init_members`) and train together
+(:func:`jaxcombine.tour.fit.fit`). :func:`held_out_nll` scores every member and
+every combination rule on the same held-out rows in one jitted pass per batch:
+
+    NLL = -(1 / #tokens) sum_t log p(x_t | x_<t)
+
+with ``p`` a member's softmax or the combined distribution of
+:class:`~jaxcombine.ensemble.Combination`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcombine import tree
+from jaxcombine.ensemble import Combination
+from jaxcombine.models import Decoder, DecoderConfig
+
+
+def small_decoder(vocab_size: int, *, hidden: int = 64, layers: int = 2, context: int = 128,
+                  **overrides) -> DecoderConfig:  # fmt: skip
+    """A Llama-style decoder with ``hidden`` width (4 heads of hidden / 4, 2 KV heads,
+    SwiGLU of 3 x hidden)."""
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
+        num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
+        max_position_embeddings=context,
+    )  # fmt: skip
+    return DecoderConfig(**{**fields, **overrides})
+
+
+def init_members(config: DecoderConfig, seeds: Sequence[int]) -> tuple[Any, Any]:
+    """(graph definition, parameters stacked over ``seeds``): member ``i`` is
+    ``Decoder(config, rngs=nnx.Rngs(seeds[i]))``."""
+    models = [Decoder(config, rngs=nnx.Rngs(seed)) for seed in seeds]
+    graphdef, _ = nnx.split(models[0], nnx.Param)
+    return graphdef, tree.stack([nnx.state(m, nnx.Param) for m in models])
+
+
+def held_out_nll(
+    graphdef,
+    stacked_params,
+    rows: np.ndarray,
+    rules: Mapping[str, Combination] | None = None,
+    *,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Mean NLL per token of ``rows`` [R, L+1] (inputs ``row[:-1]``, targets
+    ``row[1:]``): ``{"members": [N floats], rule name: float, ...}``."""
+    rules = dict(rules or {})
+
+    @jax.jit
+    def sums(params, batch):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = jax.vmap(lambda p: nnx.merge(graphdef, p)(inputs).logits)(params)
+        logits = logits.astype(jnp.float32)
+
+        def picked(log_probs):  # [..., B, T, V] -> summed log-prob of the targets
+            idx = jnp.broadcast_to(targets[..., None], log_probs.shape[:-1] + (1,))
+            return jnp.sum(jnp.take_along_axis(log_probs, idx, -1), axis=(-3, -2, -1))
+
+        members = -picked(jax.nn.log_softmax(logits, -1))
+        combined = {name: -picked(rule(logits)) for name, rule in rules.items()}
+        return members, combined
+
+    rows = np.asarray(rows)
+    member_total, combined_total = 0.0, dict.fromkeys(rules, 0.0)
+    for start in range(0, len(rows), batch_size):
+        members, combined = sums(stacked_params, jnp.asarray(rows[start : start + batch_size]))
+        member_total = member_total + np.asarray(members, np.float64)
+        for name in rules:
+            combined_total[name] += float(combined[name])
+    tokens = rows.shape[0] * (rows.shape[1] - 1)
+    return {
+        "members": [float(x) for x in np.atleast_1d(member_total) / tokens],
+        **{name: total / tokens for name, total in combined_total.items()},
+    }

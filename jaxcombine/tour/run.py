@@ -1,0 +1,118 @@
+"""``jaxcombine tour``: train small models on embedded data and compare every family
+of model combination, section by section.
+
+Each section is a function ``run(tour) -> Section`` (:mod:`jaxcombine.tour.report`);
+:class:`Tour` holds what sections share (the scale, the output directory, the
+corpus and the models trained so far, so the distillation section reuses the
+ensemble section's members). Sizes come from :data:`FULL` or :data:`QUICK`;
+seeds are fixed, so the same command gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxcombine.errors import InputError
+from jaxcombine.tour.report import Section, write_outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes of one tour run."""
+
+    name: str
+    lm_hidden: int  # width of the corpus language models
+    lm_layers: int
+    seq_len: int  # tokens per training row
+    vocab_size: int  # byte-level BPE vocabulary of the corpus
+    lm_steps: int  # steps of each corpus model
+    lm_batch: int
+    corpus_chars: int  # characters of each stdlib package used (train + held out)
+    members: int  # ensemble members per kind (seeds, bagging)
+
+
+FULL = Scale("full", lm_hidden=64, lm_layers=2, seq_len=64, vocab_size=512, lm_steps=600,
+             lm_batch=32, corpus_chars=120_000, members=4)  # fmt: skip
+QUICK = Scale("quick", lm_hidden=32, lm_layers=2, seq_len=32, vocab_size=384, lm_steps=150,
+              lm_batch=32, corpus_chars=40_000, members=3)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Tour:
+    """What the sections share: settings and everything trained so far (``cache``)."""
+
+    out: Path
+    scale: Scale
+    data: Sequence[str] | None = None
+    seed: int = 0
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once per tour; later sections get the same object."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def plot_path(self, name: str) -> Path:
+        (self.out / "plots").mkdir(parents=True, exist_ok=True)
+        return self.out / "plots" / f"{name}.png"
+
+
+def _sections() -> dict[int, Callable[[Tour], Section]]:
+    from jaxcombine.tour.sections import distillation, ensembles
+
+    return {1: ensembles.run, 6: distillation.run}
+
+
+SECTION_NUMBERS = (1, 6)
+
+
+def run_tour(
+    out: str | Path,
+    *,
+    quick: bool = False,
+    data: Sequence[str] | None = None,
+    sections: Sequence[int] | None = None,
+    echo: Callable[[str], None] = print,
+) -> list[Section]:
+    """Run the chosen ``sections`` (default: all) and write ``out/report.md``,
+    ``out/results.json`` and ``out/plots/*.png``; returns the sections."""
+    registry = _sections()
+    chosen = list(sections or registry)
+    unknown = [n for n in chosen if n not in registry]
+    if unknown:
+        raise InputError(
+            f"no tour section {unknown}", where="--sections",
+            fix=f"choose from {', '.join(map(str, registry))}",
+        )  # fmt: skip
+    tour = Tour(Path(out), QUICK if quick else FULL, data=data)
+    settings = {"scale": tour.scale.name, "seed": tour.seed, "sections": chosen,
+                "data": list(data) if data else "stdlib"}  # fmt: skip
+    done: list[Section] = []
+    for number in chosen:
+        start = time.perf_counter()
+        section = registry[number](tour)
+        section.seconds = time.perf_counter() - start
+        done.append(section)
+        for table in section.tables:
+            echo("\n" + table.console())
+        for claim in section.claims:
+            echo(claim.line().replace("**", ""))
+        write_outputs(tour.out, done, settings)  # a partial report survives a crash
+    return done
+
+
+@functools.cache
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
