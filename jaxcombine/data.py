@@ -43,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import json
@@ -409,8 +410,45 @@ def local_batch_indices(
     return sample_indices(num_rows, start, local, seed, bootstrap=bootstrap)
 
 
+class _SeededBatches(abc.ABC):
+    """``batch(step, ...)``: the examples at :func:`local_batch_indices` (subclasses
+    say how to take rows with :meth:`take`)."""
+
+    num_rows: int
+
+    @abc.abstractmethod
+    def take(self, index: np.ndarray):
+        """The examples at row indices ``index``."""
+
+    def batch(
+        self,
+        step: int,
+        global_batch: int,
+        seed: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        bootstrap: bool = False,
+    ):
+        """This process's examples of the batch at ``step`` (``global_batch //
+        process_count`` of them).
+
+        The global batch is positions ``[step * global_batch, (step + 1) * global_batch)``
+        of the epoch orders (:func:`epoch_order`) laid end to end, so it spans
+        two epochs at a boundary; process ``p`` gets the contiguous slice
+        ``[p * local, (p + 1) * local)`` of it, and only those rows are read.
+        A pure function of ``(seed, step)``: resuming at a step repeats it.
+        """
+        return self.take(
+            local_batch_indices(
+                self.num_rows, step, global_batch, seed,
+                process_index=process_index, process_count=process_count, bootstrap=bootstrap,
+            )
+        )  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class PackedDataset:
+class PackedDataset(_SeededBatches):
     """Packed token rows ``[N, seq_len + 1]`` (int32) and the batch order over them.
 
     Build one with :meth:`from_files` (or from ``pack(...)`` output), then ask
@@ -473,34 +511,13 @@ class PackedDataset:
             _, files = data_files(paths)
             raise InputError(err.message, where=_describe(files), fix=err.fix) from None
 
-    def batch(
-        self,
-        step: int,
-        global_batch: int,
-        seed: int,
-        *,
-        process_index: int = 0,
-        process_count: int = 1,
-        bootstrap: bool = False,
-    ) -> np.ndarray:
-        """This process's rows of the batch at ``step``: ``[global_batch // process_count, L + 1]``.
-
-        The global batch is positions ``[step * global_batch, (step + 1) * global_batch)``
-        of the epoch orders (:func:`epoch_order`) laid end to end, so it spans
-        two epochs at a boundary; process ``p`` gets the contiguous slice
-        ``[p * local, (p + 1) * local)`` of it, and only those rows are read.
-        A pure function of ``(seed, step)``: resuming at a step repeats it.
-        """
-        return self.rows[
-            local_batch_indices(
-                self.num_rows, step, global_batch, seed,
-                process_index=process_index, process_count=process_count, bootstrap=bootstrap,
-            )
-        ]  # fmt: skip
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``[len(index), L + 1]``: :meth:`batch` returns these for its step."""
+        return self.rows[index]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TableDataset:
+class TableDataset(_SeededBatches):
     """Examples for a classifier: ``features`` [N, F] (float32) and ``labels`` [N] (int32),
     batched in the same seeded order as :class:`PackedDataset`.
 
@@ -587,22 +604,8 @@ class TableDataset:
             )
         return cls(np.concatenate(columns, axis=1), labels)
 
-    def batch(
-        self,
-        step: int,
-        global_batch: int,
-        seed: int,
-        *,
-        process_index: int = 0,
-        process_count: int = 1,
-        bootstrap: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """This process's examples of the batch at ``step``: ``{"x": [b, F], "y": [b]}``
-        with ``b = global_batch // process_count`` (order as :meth:`PackedDataset.batch`)."""
-        index = local_batch_indices(
-            self.num_rows, step, global_batch, seed,
-            process_index=process_index, process_count=process_count, bootstrap=bootstrap,
-        )  # fmt: skip
+    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"x": [len(index), F], "y": [len(index)]}``: :meth:`batch` returns these."""
         return {"x": self.features[index], "y": self.labels[index]}
 
 
