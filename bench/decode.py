@@ -98,7 +98,8 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny_llama import VOCAB, llama_config  # bench/ is the script's directory
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from jaxcombine.decoding import (
     Decodable,
@@ -126,24 +127,7 @@ transformers.utils.logging.disable_progress_bar()
 
 MEMBERS = 4
 PROMPT = 32
-VOCAB = 8192
 LINEAR = Combination("linear")
-
-
-def llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
 
 
 def save_members(root: Path, n: int) -> list[Path]:

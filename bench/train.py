@@ -82,20 +82,21 @@ import torch
 import torch.nn.functional as F
 import transformers
 from flax import nnx
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 # `python bench/train.py` puts bench/ first on sys.path, where `train` would be this
 # file: the repository root replaces it, so `train` is the package of training jobs.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.append(str(ROOT / "bench"))  # after the root: tiny_llama, not this file as `train`
+from tiny_llama import VOCAB, llama_config  # noqa: E402
+
 from jaxcombine.hf import hf_tensors, load_model  # noqa: E402
-from jaxcombine.training import adamw, make_train_step  # noqa: E402
+from jaxcombine.training import adamw, lm_loss, make_train_step  # noqa: E402
 from train.common import split_params  # noqa: E402
-from train.lm import lm_loss  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 
-VOCAB = 8192
 LR = 1e-3
 SCHEDULE_STEPS = 1000
 WARMUP = 2
@@ -106,22 +107,6 @@ BETAS = (0.9, 0.95)
 EPS = 1e-8
 CHECK_STEPS = 5
 DTYPES = {"fp32": None, "bf16": jnp.bfloat16}
-
-
-def llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
 
 
 def lr_factor(step: int) -> float:

@@ -12,7 +12,8 @@ give a job with that seed, without checkpoints or a mesh.
 
 Example::
 
-    result = fit(graphdef, stacked_params, lm_loss, data, seeds=[0, 1, 2, 3],
+    graphdef, stacked_params = init_members(config, seeds=[0, 1, 2, 3])
+    result = fit(stacked_params, lm_loss(graphdef), data, seeds=[0, 1, 2, 3],
                  steps=300, batch_size=32, optimizer=adamw(3e-3, 300))
     members = [nnx.merge(graphdef, p) for p in tree.unstack(result.params)]
 """
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxcombine.errors import InputError
 from jaxcombine.training import make_train_step
 
 
@@ -63,8 +65,12 @@ def fit(
     :class:`~jaxcombine.data.TableDataset`). See the module docstring."""
     count = len(seeds)
     if jax.tree.leaves(params)[0].shape[0] != count:
-        raise ValueError(f"params are stacked for {jax.tree.leaves(params)[0].shape[0]} members, "
-                         f"seeds for {count}")  # fmt: skip
+        raise InputError(
+            f"params are stacked for {jax.tree.leaves(params)[0].shape[0]} members, "
+            f"seeds for {count}",
+            where="fit(params, seeds)",
+            fix="give one seed per stacked member",
+        )
     step = make_train_step(loss_fn, optimizer)
     members_step = jax.vmap(step, in_axes=(0, 0, 0, None))
 

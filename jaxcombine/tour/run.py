@@ -69,9 +69,6 @@ def _sections() -> dict[int, Callable[[Tour], Section]]:
     return {1: ensembles.run, 6: distillation.run}
 
 
-SECTION_NUMBERS = (1, 6)
-
-
 def run_tour(
     out: str | Path,
     *,

@@ -12,6 +12,7 @@ share of the ensemble's gain kept is
 from __future__ import annotations
 
 import numpy as np
+from flax import nnx
 
 from jaxcombine.distill import distillation_loss, teacher_log_probs
 from jaxcombine.ensemble import Combination, StackedForward
@@ -28,7 +29,6 @@ STUDENT_SEED = 100
 def student_loss(graphdef, teacher: StackedForward, temperature: float):
     """Token-level distillation from the stacked ``teacher`` (its parameters are the
     step's constants)."""
-    from flax import nnx
 
     def loss(params, rows, key, teacher_params):
         del key
