@@ -262,6 +262,7 @@ def cmd_extract_lora(args) -> dict:
 
 
 def cmd_tour(args) -> dict:
+    from jaxcombine.tour.report import ClaimNotHeldError
     from jaxcombine.tour.run import run_tour
 
     sections = None
@@ -279,6 +280,15 @@ def cmd_tour(args) -> dict:
         for c in s.claims
     ]
     held = sum(c["held"] for c in claims)
+    failed = [f"section {s.number}: {c.statement}" for s in done for c in s.claims
+              if c.required and not c.held]  # fmt: skip
+    if args.check and failed:
+        raise ClaimNotHeldError(
+            f"{len(failed)} required claim(s) did not hold: " + "; ".join(failed),
+            where=f"{args.out}/results.json",
+            fix="read the measured numbers in report.md; a full run (without --quick) is "
+            "the scale the claims are made for",
+        )
     message = f"claims held: {held} of {len(claims)}; report: {args.out}/report.md"
     return {"out": args.out, "claims": claims, "message": message}
 
@@ -385,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tour.add_argument("--sections", help="comma-separated section numbers (default: all)")
     tour.add_argument("--json", action="store_true", help="print results.json's claims as JSON")
+    tour.add_argument(
+        "--check",
+        action="store_true",
+        help="exit with an error if a required claim did not hold (as CI does)",
+    )
     tour.set_defaults(run=cmd_tour)
     return parser
 

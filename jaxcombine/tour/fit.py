@@ -6,9 +6,11 @@ parameters are stacked on a leading axis, the training step of
 :func:`jaxcombine.training.make_train_step` is vmapped over that axis and
 ``lax.scan``-ed over ``chunk`` steps, so N members cost one compiled program
 and one dispatch per chunk. Member ``m`` at step ``t`` sees exactly the batch
-``data.batch(t, batch_size, seeds[m], bootstrap=...)`` and the key
-``fold_in(key(seeds[m]), t)`` -- what :func:`jaxcombine.training.train` would
-give a job with that seed, without checkpoints or a mesh.
+``data.batch(t, batch_size, seeds[m], bootstrap=...)`` (``data[m].batch(...)``
+when each member has its own dataset, as fine-tunes on different tasks do)
+and the key ``fold_in(key(seeds[m]), t)`` -- what
+:func:`jaxcombine.training.train` would give a job with that seed, without
+checkpoints or a mesh.
 
 Example::
 
@@ -62,8 +64,16 @@ def fit(
     """Train the members whose parameters are stacked in ``params`` (leading axis N =
     ``len(seeds)``) with ``loss_fn(params, batch, key, constants) -> (loss, metrics)``
     on ``data`` (a :class:`~jaxcombine.data.PackedDataset` or
-    :class:`~jaxcombine.data.TableDataset`). See the module docstring."""
+    :class:`~jaxcombine.data.TableDataset`, or a sequence of them, one per member).
+    See the module docstring."""
     count = len(seeds)
+    datasets = list(data) if isinstance(data, (list, tuple)) else [data] * count
+    if len(datasets) != count:
+        raise InputError(
+            f"{len(datasets)} datasets for {count} members",
+            where="fit(data, seeds)",
+            fix="give one dataset per member, or one dataset for all",
+        )
     if jax.tree.leaves(params)[0].shape[0] != count:
         raise InputError(
             f"params are stacked for {jax.tree.leaves(params)[0].shape[0]} members, "
@@ -98,7 +108,8 @@ def fit(
         stop = min(done + chunk, steps, *[s for s in wanted if s > done] or [steps])
         span = range(done, stop)
         batches = [
-            [data.batch(t, batch_size, seed, bootstrap=bootstrap) for seed in seeds] for t in span
+            [d.batch(t, batch_size, seed, bootstrap=bootstrap) for d, seed in zip(datasets, seeds)]
+            for t in span
         ]
         batches = _stack_host([_stack_host(members) for members in batches])
         span_array = jnp.asarray(np.arange(done, stop), jnp.uint32)

@@ -18,6 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxcombine.errors import JaxcombineError
+
+
+class ClaimNotHeldError(JaxcombineError):
+    """A claim the tour requires (``--check``) did not hold."""
+
 
 @dataclasses.dataclass
 class Table:
@@ -66,11 +72,13 @@ class Claim:
     measured: dict[str, Any]
     held: bool
     source: str = ""
+    required: bool = False  # one of the claims ``jaxcombine tour --check`` insists on
 
     def line(self) -> str:
         numbers = ", ".join(f"{k} = {_cell(v, 3)}" for k, v in self.measured.items())
         verdict = "held" if self.held else "did NOT hold"
-        return f"- **{verdict}**: {self.statement} ({numbers})"
+        required = " [required]" if self.required else ""
+        return f"- **{verdict}**{required}: {self.statement} ({numbers})"
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,10 @@ FULL = Scale("full", lm_hidden=64, lm_layers=2, seq_len=64, vocab_size=512, lm_s
              lm_batch=32, corpus_chars=120_000, members=4)  # fmt: skip
 QUICK = Scale("quick", lm_hidden=32, lm_layers=2, seq_len=32, vocab_size=384, lm_steps=150,
               lm_batch=32, corpus_chars=40_000, members=3)  # fmt: skip
+# For the tests of the runner: every section runs end to end in seconds.
+TINY = Scale("tiny", lm_hidden=16, lm_layers=1, seq_len=16, vocab_size=300, lm_steps=8,
+             lm_batch=8, corpus_chars=8_000, members=2)  # fmt: skip
+SCALES = {s.name: s for s in (FULL, QUICK, TINY)}
 
 
 @dataclasses.dataclass
@@ -63,37 +68,41 @@ class Tour:
         return self.out / "plots" / f"{name}.png"
 
 
-def _sections() -> dict[int, Callable[[Tour], Section]]:
-    from jaxcombine.tour.sections import distillation, ensembles
+# Section number -> module of jaxcombine.tour.sections with ``run(tour) -> Section``.
+SECTIONS = {1: "ensembles", 2: "averaging", 3: "task_arithmetic", 4: "alignment",
+            5: "evidence", 6: "distillation", 7: "moe", 8: "speed"}  # fmt: skip
 
-    return {1: ensembles.run, 6: distillation.run}
+
+def _section(number: int) -> Callable[[Tour], Section]:
+    return importlib.import_module(f"jaxcombine.tour.sections.{SECTIONS[number]}").run
 
 
 def run_tour(
     out: str | Path,
     *,
     quick: bool = False,
+    scale: Scale | None = None,
     data: Sequence[str] | None = None,
     sections: Sequence[int] | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[Section]:
     """Run the chosen ``sections`` (default: all) and write ``out/report.md``,
-    ``out/results.json`` and ``out/plots/*.png``; returns the sections."""
-    registry = _sections()
-    chosen = list(sections or registry)
-    unknown = [n for n in chosen if n not in registry]
+    ``out/results.json`` and ``out/plots/*.png``; returns the sections. ``scale``
+    overrides ``quick`` (:data:`FULL` or :data:`QUICK`)."""
+    chosen = list(sections or SECTIONS)
+    unknown = [n for n in chosen if n not in SECTIONS]
     if unknown:
         raise InputError(
             f"no tour section {unknown}", where="--sections",
-            fix=f"choose from {', '.join(map(str, registry))}",
+            fix=f"choose from {', '.join(map(str, SECTIONS))}",
         )  # fmt: skip
-    tour = Tour(Path(out), QUICK if quick else FULL, data=data)
+    tour = Tour(Path(out), scale or (QUICK if quick else FULL), data=data)
     settings = {"scale": tour.scale.name, "seed": tour.seed, "sections": chosen,
                 "data": list(data) if data else "stdlib"}  # fmt: skip
     done: list[Section] = []
     for number in chosen:
         start = time.perf_counter()
-        section = registry[number](tour)
+        section = _section(number)(tour)
         section.seconds = time.perf_counter() - start
         done.append(section)
         for table in section.tables:

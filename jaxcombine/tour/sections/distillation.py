@@ -73,6 +73,7 @@ def run(tour) -> Section:
         {"student_nll": student_nll, "hard_label_nll": hard_nll, "gain_kept": kept},
         held=student_nll < hard_nll and kept >= 0.5,
         source="Hinton et al. 2015 (arXiv:1503.02531)",
+        required=True,
     )
     return Section(6, "Distillation", __doc__.split("\n\n")[1].replace("\n", " "), [table],
                    [plot], figures, [claim])  # fmt: skip

@@ -69,6 +69,7 @@ def run(tour) -> Section:
         {"best_ensemble_nll": best_ensemble, "best_member_nll": best_member},
         held=best_ensemble < best_member,
         source="Lakshminarayanan et al. 2017 (arXiv:1612.01474)",
+        required=True,
     )
     return Section(1, "Ensembles", __doc__.split("\n\n")[1].replace("\n", " "), [table],
                    figures=figures, claims=[claim])  # fmt: skip
