@@ -12,6 +12,7 @@ from flax import nnx
 from jaxcombine import tree
 from jaxcombine.data import TableDataset
 from jaxcombine.errors import InputError
+from jaxcombine.merging import ema
 from jaxcombine.models import MLPClassifier
 from jaxcombine.tour.fit import fit
 from jaxcombine.training import adamw, make_train_step, token_cross_entropy
@@ -37,10 +38,11 @@ def test_vmapped_members_equal_members_trained_one_by_one(per_member):
     models = [MLPClassifier(3, (16,), 2, dropout_rate=0.2, rngs=nnx.Rngs(s)) for s in seeds]
     graphdef, _ = nnx.split(models[0], nnx.Param)
     optimizer = adamw(1e-2, 23, warmup_steps=4)
+    averager = ema(0.8, warmup=True)
     stacked = tree.stack([nnx.state(m, nnx.Param) for m in models])
     result = fit(
         stacked, _loss(graphdef), data, seeds=seeds, steps=23, batch_size=8,
-        optimizer=optimizer, bootstrap=True, chunk=5, snapshot_steps=[7, 20],
+        optimizer=optimizer, bootstrap=True, chunk=5, snapshot_steps=[7, 20], averager=averager,
     )  # fmt: skip
     assert result.losses.shape == (3, 23)
     assert sorted(result.snapshots) == [7, 20]
@@ -50,15 +52,17 @@ def test_vmapped_members_equal_members_trained_one_by_one(per_member):
         params = nnx.state(model, nnx.Param)
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
                  "opt_state": optimizer.init(params)}  # fmt: skip
-        losses = []
+        losses, average = [], averager.init(params)
         for t in range(23):
             batch = member_data.batch(t, 8, seed, bootstrap=True)
             state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(seed), t), None)
             losses.append(float(metrics["loss"]))
+            average = jax.jit(averager.update)(average, state["params"])
             if t + 1 in result.snapshots:
                 _assert_close(tree.unstack(result.snapshots[t + 1])[m], state["params"])
         np.testing.assert_allclose(result.losses[m], losses, rtol=1e-5, atol=1e-6)
         _assert_close(tree.unstack(result.params)[m], state["params"])
+        _assert_close(tree.unstack(result.average)[m], averager.value(average))
 
 
 def _assert_close(got, expected):

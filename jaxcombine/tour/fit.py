@@ -33,17 +33,20 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxcombine.errors import InputError
+from jaxcombine.merging import Averager
 from jaxcombine.training import make_train_step
 
 
 @dataclasses.dataclass
 class FitResult:
-    """Stacked final parameters [N, ...], training losses [N, steps] and the stacked
-    parameters at each of ``snapshot_steps`` (after that many steps)."""
+    """Stacked final parameters [N, ...], training losses [N, steps], the stacked
+    parameters at each of ``snapshot_steps`` (after that many steps) and, with an
+    ``averager``, its average of every step's parameters (stacked, else None)."""
 
     params: Any
     losses: np.ndarray
     snapshots: dict[int, Any]
+    average: Any = None
 
 
 def fit(
@@ -59,13 +62,15 @@ def fit(
     chunk: int = 25,
     snapshot_steps: Sequence[int] = (),
     constants: Any = None,
+    averager: Averager | None = None,
     desc: str | None = None,
 ) -> FitResult:
     """Train the members whose parameters are stacked in ``params`` (leading axis N =
     ``len(seeds)``) with ``loss_fn(params, batch, key, constants) -> (loss, metrics)``
     on ``data`` (a :class:`~jaxcombine.data.PackedDataset` or
     :class:`~jaxcombine.data.TableDataset`, or a sequence of them, one per member).
-    See the module docstring."""
+    ``averager`` (e.g. :func:`jaxcombine.merging.ema`) is updated with each
+    member's parameters after every step. See the module docstring."""
     count = len(seeds)
     datasets = list(data) if isinstance(data, (list, tuple)) else [data] * count
     if len(datasets) != count:
@@ -89,8 +94,11 @@ def fit(
         def body(state, inputs):
             batch, t = inputs
             keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), t))(seeds_)
+            state, average = state
             state, metrics = members_step(state, batch, keys, constants)
-            return state, metrics["loss"]
+            if averager is not None:
+                average = jax.vmap(averager.update)(average, state["params"])
+            return (state, average), metrics["loss"]
 
         return jax.lax.scan(body, state, (batches, steps_))
 
@@ -99,6 +107,7 @@ def fit(
         "params": params,
         "opt_state": jax.vmap(optimizer.init)(params),
     }
+    average = None if averager is None else jax.vmap(averager.init)(params)
     seeds_array = jnp.asarray(seeds, jnp.uint32)
     losses, snapshots = [], {}
     wanted = sorted(set(snapshot_steps))
@@ -113,14 +122,18 @@ def fit(
         ]
         batches = _stack_host([_stack_host(members) for members in batches])
         span_array = jnp.asarray(np.arange(done, stop), jnp.uint32)
-        state, chunk_losses = run_chunk(state, batches, span_array, seeds_array, constants)
+        (state, average), chunk_losses = run_chunk(
+            (state, average), batches, span_array, seeds_array, constants
+        )
         losses.append(np.asarray(chunk_losses))
         done = stop
         if done in wanted:
             snapshots[done] = jax.tree.map(jnp.copy, state["params"])
         bar.update(len(span))
     bar.close()
-    return FitResult(state["params"], np.concatenate(losses).T, snapshots)
+    if averager is not None:
+        average = jax.vmap(averager.value)(average)
+    return FitResult(state["params"], np.concatenate(losses).T, snapshots, average)
 
 
 def _stack_host(items: Sequence[Any]) -> Any:
