@@ -13,6 +13,7 @@ with ``p`` a member's softmax or the combined distribution of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,17 +47,10 @@ def init_members(config: DecoderConfig, seeds: Sequence[int]) -> tuple[Any, Any]
     return graphdef, tree.stack([nnx.state(m, nnx.Param) for m in models])
 
 
-def held_out_nll(
-    graphdef,
-    stacked_params,
-    rows: np.ndarray,
-    rules: Mapping[str, Combination] | None = None,
-    *,
-    batch_size: int = 32,
-) -> dict[str, Any]:
-    """Mean NLL per token of ``rows`` [R, L+1] (inputs ``row[:-1]``, targets
-    ``row[1:]``): ``{"members": [N floats], rule name: float, ...}``."""
-    rules = dict(rules or {})
+@functools.cache
+def _nll_sums(graphdef, rules: tuple[tuple[str, Combination], ...]):
+    """The jitted pass of :func:`held_out_nll` (built once per model and rules, so
+    repeated evaluations -- soups, interpolations -- compile once per shape)."""
 
     @jax.jit
     def sums(params, batch):
@@ -69,9 +63,24 @@ def held_out_nll(
             return jnp.sum(jnp.take_along_axis(log_probs, idx, -1), axis=(-3, -2, -1))
 
         members = -picked(jax.nn.log_softmax(logits, -1))
-        combined = {name: -picked(rule(logits)) for name, rule in rules.items()}
+        combined = {name: -picked(rule(logits)) for name, rule in rules}
         return members, combined
 
+    return sums
+
+
+def held_out_nll(
+    graphdef,
+    stacked_params,
+    rows: np.ndarray,
+    rules: Mapping[str, Combination] | None = None,
+    *,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Mean NLL per token of ``rows`` [R, L+1] (inputs ``row[:-1]``, targets
+    ``row[1:]``): ``{"members": [N floats], rule name: float, ...}``."""
+    rules = dict(rules or {})
+    sums = _nll_sums(graphdef, tuple(rules.items()))
     rows = np.asarray(rows)
     member_total, combined_total = 0.0, dict.fromkeys(rules, 0.0)
     for start in range(0, len(rows), batch_size):
