@@ -116,10 +116,9 @@ def fit(
     while done < steps:
         stop = min(done + chunk, steps, *[s for s in wanted if s > done] or [steps])
         span = range(done, stop)
-        batches = [
-            [d.batch(t, batch_size, seed, bootstrap=bootstrap) for d, seed in zip(datasets, seeds)]
-            for t in span
-        ]
+        members = list(zip(datasets, seeds, strict=True))
+        batches = [[d.batch(t, batch_size, seed, bootstrap=bootstrap) for d, seed in members]
+                   for t in span]  # fmt: skip
         batches = _stack_host([_stack_host(members) for members in batches])
         span_array = jnp.asarray(np.arange(done, stop), jnp.uint32)
         (state, average), chunk_losses = run_chunk(

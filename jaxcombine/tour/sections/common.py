@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from jaxcombine import tree
 from jaxcombine.data import PackedDataset, load_texts, pack
+from jaxcombine.errors import InputError
+from jaxcombine.merging import ema
 from jaxcombine.models import DecoderConfig
 from jaxcombine.tour import corpus
 from jaxcombine.tour.fit import FitResult, fit
@@ -18,6 +21,9 @@ from jaxcombine.training import adamw, lm_loss
 # The packages of the mixed corpus (sections 1, 2, 6): different enough to
 # make domains, small enough for a laptop.
 PACKAGES = ("json", "email", "http", "logging")
+# The domains of sections 2 and 5: fine-tunes of a general model on one
+# package (in-domain) and on another (out-of-domain).
+IN_DOMAIN, OUT_OF_DOMAIN = "email", "json"
 EOS = "<eos>"
 
 
@@ -96,9 +102,19 @@ class Members:
         return held_out_nll(self.graphdef, self.params, rows, rules)
 
 
+def averaging_schedule(steps: int) -> tuple[list[int], float]:
+    """Section 2's averages along a run of ``steps``: the steps of the last five of
+    ten evenly spaced checkpoints, and an EMA decay whose horizon
+    ``1 / (1 - decay)`` is a tenth of the run."""
+    checkpoints = sorted({max(1, round(steps * k / 10)) for k in range(6, 11)})
+    return checkpoints, max(0.5, 1.0 - 10.0 / steps)
+
+
 def lm_members(tour, kind: str) -> Members:
     """The ensemble members of ``kind``: ``"seeds"`` (seeds 0..N-1, all rows) or
-    ``"bagging"`` (seeds 10.., each epoch a bootstrap resample of the rows)."""
+    ``"bagging"`` (seeds 10.., each epoch a bootstrap resample of the rows).
+    Their :class:`FitResult` keeps the checkpoints and the EMA of
+    :func:`averaging_schedule` (section 2)."""
 
     def make() -> Members:
         scale, data = tour.scale, corpus_data(tour)
@@ -107,9 +123,65 @@ def lm_members(tour, kind: str) -> Members:
         offset = 0 if kind == "seeds" else 10
         seeds = [offset + i for i in range(scale.members)]
         graphdef, params = init_members(config, seeds)
+        checkpoints, decay = averaging_schedule(scale.lm_steps)
         result = fit(params, lm_loss(graphdef), data.train, seeds=seeds, steps=scale.lm_steps,
                      batch_size=scale.lm_batch, optimizer=lm_optimizer(scale),
-                     bootstrap=kind == "bagging", desc=f"members ({kind})")  # fmt: skip
+                     bootstrap=kind == "bagging", snapshot_steps=checkpoints,
+                     averager=ema(decay, warmup=True), desc=f"members ({kind})")  # fmt: skip
         return Members(config, graphdef, result.params, result)
 
     return tour.cached(f"members:{kind}", make)
+
+
+@dataclasses.dataclass
+class FineTunes:
+    """Fine-tunes of the general model (the first ``seeds`` member): ``in_domain``
+    stacked [K, ...] from K seeds, ``out_of_domain`` stacked [1, ...]."""
+
+    graphdef: Any
+    general: Any  # stacked [1, ...]
+    in_domain: Any
+    out_of_domain: Any
+    names: tuple[str, str]  # (in-domain, out-of-domain)
+    losses: np.ndarray  # [K + 1, steps]
+
+
+def domain_names(tour) -> tuple[str, str]:
+    """(in-domain, out-of-domain): two stdlib packages, or the first two ``--data``
+    files."""
+    if not tour.data:
+        return IN_DOMAIN, OUT_OF_DOMAIN
+    names = list(corpus_data(tour).domains)
+    if len(names) < 2:
+        raise InputError(
+            f"sections 2 and 5 compare two domains; --data gave one ({names[0]})",
+            where="--data",
+            fix="pass two or more files (each file is a domain), or leave out sections 2 and 5",
+        )
+    return names[0], names[1]
+
+
+def finetunes(tour) -> FineTunes:
+    """The general model fine-tuned for a third of its steps at a third of its
+    learning rate: ``members`` times on the in-domain rows (seeds 200..) and once
+    on the out-of-domain rows, in one vmapped run."""
+
+    def make() -> FineTunes:
+        scale, data = tour.scale, corpus_data(tour)
+        inside, outside = domain_names(tour)
+        general = lm_members(tour, "seeds")
+        base = tree.unstack(general.params)[0]
+        count = scale.members
+        steps = max(1, scale.lm_steps // 3)
+        datasets = [PackedDataset(data.domains[inside][0])] * count
+        datasets.append(PackedDataset(data.domains[outside][0]))
+        seeds = [200 + i for i in range(count + 1)]
+        optimizer = adamw(1e-3, steps, warmup_steps=max(1, steps // 20))
+        result = fit(tree.stack([base] * (count + 1)), lm_loss(general.graphdef), datasets,
+                     seeds=seeds, steps=steps, batch_size=scale.lm_batch, optimizer=optimizer,
+                     desc="fine-tunes")  # fmt: skip
+        models = tree.unstack(result.params)
+        return FineTunes(general.graphdef, tree.stack([base]), tree.stack(models[:count]),
+                         tree.stack(models[count:]), (inside, outside), result.losses)  # fmt: skip
+
+    return tour.cached("finetunes", make)
