@@ -101,9 +101,9 @@ class Gate(nnx.Module):
             (N, E, width), (None, "embed", "mlp"), True,
             dtype=dtype, rngs=rngs, in_dims=2, init_scale=(N * E) ** -0.5,
         )  # fmt: skip
-        self.out = Dense(
-            (width, N), ("mlp", None), True, dtype=dtype, rngs=rngs, init_scale=width**-0.5
-        )
+        # A zero output layer: the untrained gate is the uniform ensemble, and
+        # training moves it away from uniform only as far as the data asks.
+        self.out = Dense((width, N), ("mlp", None), True, dtype=dtype, rngs=rngs, init_scale=0.0)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         """Weights [N, ...] (softmax over axis 0) of member hidden states [N, ..., E]."""

@@ -25,7 +25,13 @@ from jaxcombine.ensemble import Combination
 from jaxcombine.merging import greedy_soup, running_average, uniform_soup
 from jaxcombine.tour.lm import held_out_nll
 from jaxcombine.tour.report import Claim, Section, Table
-from jaxcombine.tour.sections.common import averaging_schedule, corpus_data, finetunes, lm_members
+from jaxcombine.tour.sections.common import (
+    averaging_schedule,
+    corpus_data,
+    finetunes,
+    halves,
+    lm_members,
+)
 
 
 def _checkpoint_average(snapshots: dict[int, object]) -> object:
@@ -63,9 +69,7 @@ def along_one_run(tour) -> tuple[Table, dict]:
 def soups(tour) -> tuple[Table, dict, Claim]:
     tuned = finetunes(tour)
     inside = tuned.names[0]
-    held = corpus_data(tour).domains[inside][1]
-    half = len(held) // 2
-    validation, test = held[:half], held[half:]
+    validation, test = halves(corpus_data(tour).domains[inside][1])
     graphdef = tuned.graphdef
     ingredients = tree.unstack(tuned.in_domain)
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxcombine.ensemble import Combination, Gate, StackedForward, gate_weights, train_gate
 from jaxcombine.tour.report import Claim, Section, Table
-from jaxcombine.tour.sections.common import corpus_data, lm_members
+from jaxcombine.tour.sections.common import corpus_data, halves, lm_members
 
 RULES = {"linear": Combination("linear"), "loglinear": Combination("loglinear")}
 
@@ -45,8 +45,7 @@ def _gated_nll(graphdef, params, hidden_size, fit_rows, test_rows, steps) -> flo
 def run(tour) -> Section:
     corpus = corpus_data(tour)
     groups = {"seeds": lm_members(tour, "seeds"), "bagging": lm_members(tour, "bagging")}
-    half = len(corpus.held_out) // 2
-    fit_rows, test_rows = corpus.held_out[:half], corpus.held_out[half:]
+    fit_rows, test_rows = halves(corpus.held_out)
     rows, figures = [], {}
     for name, group in groups.items():
         scores = group.nll(test_rows, RULES)

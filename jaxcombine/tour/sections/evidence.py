@@ -13,7 +13,7 @@ fine-tunes). Two ways to add ``I``'s evidence and subtract ``O``'s:
   with a negative task (Ilharco et al. 2023, arXiv:2212.04089), at one.
 
 ``alpha`` is chosen from a grid on a validation half of each package's
-held-out rows and scored on the other half. The fine-tune on the in-domain
+held-out rows (the even rows) and scored on the other half. The fine-tune on the in-domain
 package is itself the strongest in-domain model here; the question is how
 much of its gain the general model recovers from the difference of two
 models, and what it costs on the out-of-domain package.
@@ -28,14 +28,9 @@ from jaxcombine.ensemble import Combination
 from jaxcombine.merging import apply_task_vector, task_vector
 from jaxcombine.tour.lm import held_out_nll
 from jaxcombine.tour.report import Claim, Section, Table
-from jaxcombine.tour.sections.common import corpus_data, finetunes
+from jaxcombine.tour.sections.common import corpus_data, finetunes, halves
 
 ALPHAS = (0.25, 0.5, 1.0, 2.0)
-
-
-def _halves(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    half = len(rows) // 2
-    return rows[:half], rows[half:]
 
 
 def _scores(graphdef, general, inside, outside, rows) -> dict[str, list[float]]:
@@ -58,7 +53,7 @@ def run(tour) -> Section:
     general = tree.unstack(tuned.general)[0]
     inside = tree.unstack(tuned.in_domain)[0]
     outside = tree.unstack(tuned.out_of_domain)[0]
-    split = {name: _halves(corpus.domains[name][1]) for name in tuned.names}
+    split = {name: halves(corpus.domains[name][1]) for name in tuned.names}
     scores = {
         (name, part): _scores(tuned.graphdef, general, inside, outside, rows)
         for name, halves in split.items()
