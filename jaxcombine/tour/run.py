@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxcombine.data import data_files
 from jaxcombine.errors import InputError
 from jaxcombine.tour.report import Section, write_outputs
 
@@ -73,6 +74,25 @@ SECTIONS = {1: "ensembles", 2: "averaging", 3: "task_arithmetic", 4: "alignment"
             5: "evidence", 6: "distillation", 7: "moe", 8: "speed"}  # fmt: skip
 
 
+# Sections that compare an in-domain with an out-of-domain corpus.
+TWO_DOMAINS = (2, 5)
+
+
+def _check_data(data: Sequence[str], chosen: Sequence[int]) -> None:
+    """``--data`` paths exist and are readable by ``datasets``; sections 2 and 5 get
+    two domains (each path is one)."""
+    for path in data:
+        data_files(path)
+    needs_two = [n for n in chosen if n in TWO_DOMAINS]
+    if needs_two and len(data) < 2:
+        raise InputError(
+            f"sections {needs_two} compare two domains; --data gave one ({data[0]})",
+            where="--data",
+            fix="pass two or more files or directories (each is a domain), or choose other "
+            "--sections",
+        )
+
+
 def _section(number: int) -> Callable[[Tour], Section]:
     return importlib.import_module(f"jaxcombine.tour.sections.{SECTIONS[number]}").run
 
@@ -96,6 +116,8 @@ def run_tour(
             f"no tour section {unknown}", where="--sections",
             fix=f"choose from {', '.join(map(str, SECTIONS))}",
         )  # fmt: skip
+    if data:
+        _check_data(data, chosen)
     tour = Tour(Path(out), scale or (QUICK if quick else FULL), data=data)
     settings = {"scale": tour.scale.name, "seed": tour.seed, "sections": chosen,
                 "data": list(data) if data else "stdlib"}  # fmt: skip
