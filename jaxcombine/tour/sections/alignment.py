@@ -4,9 +4,10 @@ the straight line between them, without and with weight matching.
 For parameters theta_A, theta_B the loss is measured along the line
 theta(alpha) = (1 - alpha) theta_A + alpha theta_B at evenly spaced alpha in
 [0, 1], and the loss barrier is ``B = max_alpha [L(theta(alpha)) - ((1 - alpha)
-L(theta_A) + alpha L(theta_B))]`` (Frankle et al. 2020, arXiv:1912.05671;
-Entezari et al. 2021, arXiv:2110.06296); the endpoints are on the grid, so
-B >= 0. Each model family has three lines: two independently initialised
+L(theta_A) + alpha L(theta_B))]`` (Entezari et al. 2021, arXiv:2110.06296;
+Frankle et al. 2020, arXiv:1912.05671, measure the rise above the endpoints'
+mean, the same when their losses are equal); the endpoints are on the grid,
+so B >= 0. Each model family has three lines: two independently initialised
 models (different seeds for the initialisation and the data order); the same
 pair after weight matching, which permutes B's hidden units to line up with
 A's without changing the function B computes (Git Re-Basin, Ainsworth et al.
@@ -83,7 +84,7 @@ class Sizes:
 
     alphas: int  # points on each line, alpha = 0 .. 1
     decoder_finetune_steps: int
-    mlp_widths: tuple[int, ...]  # the sweep; the last (widest) carries the required claim
+    mlp_widths: tuple[int, ...]  # increasing; the widest carries the required claim
     mlp_depth: int  # hidden layers
     mlp_steps: int  # steps of each independent MLP; fine-tunes take a quarter
     mlp_batch: int
@@ -93,9 +94,9 @@ class Sizes:
 SIZES = {
     "full": Sizes(alphas=11, decoder_finetune_steps=150, mlp_widths=(32, 128, 512), mlp_depth=2,
                   mlp_steps=1000, mlp_batch=128, table_rows=8192),
-    "quick": Sizes(alphas=11, decoder_finetune_steps=40, mlp_widths=(32, 256), mlp_depth=2,
+    "quick": Sizes(alphas=11, decoder_finetune_steps=50, mlp_widths=(32, 256), mlp_depth=2,
                    mlp_steps=400, mlp_batch=128, table_rows=4096),
-    "tiny": Sizes(alphas=3, decoder_finetune_steps=2, mlp_widths=(8, 16), mlp_depth=2,
+    "tiny": Sizes(alphas=3, decoder_finetune_steps=2, mlp_widths=(16,), mlp_depth=2,
                   mlp_steps=8, mlp_batch=16, table_rows=128),
 }  # fmt: skip
 
@@ -105,8 +106,8 @@ SIZES = {
 
 def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
     """``max_alpha [L(alpha) - ((1 - alpha) L(0) + alpha L(1))]`` over the grid ``alphas``
-    (which starts at 0 and ends at 1), so never below 0 (Frankle et al. 2020,
-    arXiv:1912.05671, eq. 1)."""
+    (which starts at 0 and ends at 1), so never below 0: the loss barrier of Entezari
+    et al. 2021 (arXiv:2110.06296) on a grid."""
     alphas, losses = np.asarray(alphas, np.float64), np.asarray(losses, np.float64)
     if alphas[0] != 0.0 or alphas[-1] != 1.0 or alphas.shape != losses.shape:
         raise InputError(
@@ -133,16 +134,19 @@ def interpolation_path(params_a: Any, params_b: Any, alphas: Sequence[float]) ->
     return jax.vmap(lambda t: tree.lerp(params_a, params_b, t))(jnp.asarray(alphas, jnp.float32))
 
 
-def relative_distance(params_a: Any, params_b: Any) -> float:
+def relative_distance(params_a: Any, params_b: Any) -> jax.Array:
     """``||theta_B - theta_A|| / ||theta_A||`` over all parameters."""
-    return float(tree.norm(tree.sub(params_b, params_a)) / tree.norm(params_a))
+    return tree.norm(tree.sub(params_b, params_a)) / tree.norm(params_a)
 
 
 def aligned(spec: PermutationSpec, params_a: Any, params_b: Any, key: jax.Array) -> Any:
     """``params_b`` with its units permuted by weight matching to line up with
     ``params_a`` (the same function as ``params_b``)."""
     perms = weight_matching(spec, params_a, params_b, key=key)
-    return apply_permutation(spec, perms, params_b)
+    return _apply_permutation(spec, perms, params_b)
+
+
+_apply_permutation = jax.jit(apply_permutation, static_argnums=0)
 
 
 def gaussian_mixture_table(
@@ -223,24 +227,48 @@ class Lines:
 
 
 def _pairs(spec, params_a, params_b, finetunes, key) -> dict[str, tuple[Any, Any]]:
+    """The three pairs of a family: independent, independent after matching, and the
+    fine-tunes (stacked in ``finetunes``; left out when None)."""
     pairs = {INDEPENDENT: (params_a, params_b),
              MATCHED: (params_a, aligned(spec, params_a, params_b, key))}  # fmt: skip
     if finetunes is not None:
-        pairs[FINETUNES] = tuple(tree.unstack(finetunes))
+        pairs[FINETUNES] = tuple(_unstack(finetunes))
     return pairs
 
 
-def _stacked_lines(pairs: dict[str, tuple[Any, Any]], alphas: np.ndarray) -> Any:
-    """Every pair's interpolation path, concatenated: [len(pairs) * len(alphas), ...]."""
-    paths = [interpolation_path(a, b, alphas) for a, b in pairs.values()]
-    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *paths)
+_unstack = jax.jit(tree.unstack)
+
+
+@jax.jit
+def _stacked_lines(pairs: Sequence[tuple[Any, Any]], alphas: jax.Array) -> tuple[Any, jax.Array]:
+    """(every pair's interpolation path, concatenated [len(pairs) * len(alphas), ...],
+    the relative distance between each pair's endpoints [len(pairs)]), in one
+    compiled call."""
+    paths = [interpolation_path(a, b, alphas) for a, b in pairs]
+    distances = jnp.stack([relative_distance(a, b) for a, b in pairs])
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *paths), distances
+
+
+def _lines(family, metric, pairs, alphas, score) -> Lines:
+    """Score every pair's path at once: ``score(stacked) -> (losses [N], accuracy [N] or
+    None)`` for the N = len(pairs) * len(alphas) stacked models."""
+    stacked, distances = _stacked_lines(list(pairs.values()), jnp.asarray(alphas, jnp.float32))
+    losses, accuracy = score(stacked)
+    shape = (len(pairs), len(alphas))
+
+    def per_pair(values):
+        return dict(zip(pairs, np.asarray(values, np.float64).reshape(shape), strict=True))
+
+    return Lines(family, metric, alphas, per_pair(losses),
+                 dict(zip(pairs, np.asarray(distances, np.float64).tolist(), strict=True)),
+                 per_pair(accuracy) if accuracy is not None else {})  # fmt: skip
 
 
 def decoder_lines(tour, sizes: Sizes) -> Lines:
     """The corpus decoders: members 0 and 1 of the seed ensemble, and two fine-tunes of
     member 0 (its own recipe, shortened to ``sizes.decoder_finetune_steps``)."""
     corpus, members = corpus_data(tour), lm_members(tour, "seeds")
-    params_a, params_b = tree.unstack(members.params)[:2]
+    params_a, params_b = _unstack(members.params)[:2]
     steps = sizes.decoder_finetune_steps
     finetunes = fit(tree.stack([params_a, params_a]), lm_loss(members.graphdef), corpus.train,
                     seeds=FINETUNE_SEEDS, steps=steps, batch_size=tour.scale.lm_batch,
@@ -248,12 +276,15 @@ def decoder_lines(tour, sizes: Sizes) -> Lines:
                     desc="alignment: decoder fine-tunes").params  # fmt: skip
     pairs = _pairs(decoder_spec(params_a), params_a, params_b, finetunes,
                    jax.random.key(tour.seed))  # fmt: skip
-    alphas = np.linspace(0.0, 1.0, sizes.alphas)
-    stacked = _stacked_lines(pairs, alphas)
-    nll = held_out_nll(members.graphdef, stacked, corpus.held_out, batch_size=8)["members"]
-    losses = np.asarray(nll).reshape(len(pairs), len(alphas))
-    return Lines("decoder", "held-out NLL per token", alphas, dict(zip(pairs, losses, strict=True)),
-                 {pair: relative_distance(a, b) for pair, (a, b) in pairs.items()})  # fmt: skip
+
+    def score(stacked):
+        nll = held_out_nll(members.graphdef, stacked, corpus.held_out, batch_size=8)
+        return nll["members"], None
+
+    config = members.config
+    family = f"decoder (hidden {config.hidden_size}, {config.num_layers} layers)"
+    return _lines(family, "held-out NLL per token", pairs,
+                  np.linspace(0.0, 1.0, sizes.alphas), score)  # fmt: skip
 
 
 def _mlp_optimizer(steps: int):
@@ -273,7 +304,7 @@ def mlp_lines(tour, sizes: Sizes, width: int, *, with_finetunes: bool) -> Lines:
     params = fit(tree.stack([nnx.state(m, nnx.Param) for m in models]), loss, train,
                  seeds=MLP_SEEDS, steps=sizes.mlp_steps, optimizer=_mlp_optimizer(sizes.mlp_steps),
                  **common).params  # fmt: skip
-    params_a, params_b = tree.unstack(params)
+    params_a, params_b = _unstack(params)
     finetunes = None
     if with_finetunes:
         steps = max(1, sizes.mlp_steps // 4)
@@ -281,15 +312,9 @@ def mlp_lines(tour, sizes: Sizes, width: int, *, with_finetunes: bool) -> Lines:
                         steps=steps, optimizer=_mlp_optimizer(steps), **common).params  # fmt: skip
     pairs = _pairs(mlp_classifier_spec(params_a), params_a, params_b, finetunes,
                    jax.random.key(tour.seed))  # fmt: skip
-    alphas = np.linspace(0.0, 1.0, sizes.alphas)
-    losses, accuracy = classifier_scores(graphdef, _stacked_lines(pairs, alphas), test)
-    shape = (len(pairs), len(alphas))
-    return Lines(
-        f"MLP {'x'.join(map(str, hidden))}", "held-out cross-entropy", alphas,
-        dict(zip(pairs, losses.reshape(shape), strict=True)),
-        {pair: relative_distance(a, b) for pair, (a, b) in pairs.items()},
-        dict(zip(pairs, accuracy.reshape(shape), strict=True)),
-    )  # fmt: skip
+    return _lines(f"MLP {'x'.join(map(str, hidden))}", "held-out cross-entropy", pairs,
+                  np.linspace(0.0, 1.0, sizes.alphas),
+                  lambda stacked: classifier_scores(graphdef, stacked, test))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the section
@@ -310,8 +335,9 @@ def run(tour) -> Section:
         _finetunes_claim(families),
         _matching_claim(paper, required=True),
         _matching_claim(decoder, required=False),
-        _width_claim(widths, mlps),
     ]
+    if len(widths) > 1:
+        claims.append(_width_claim(widths, mlps))
     summary = "\n\n".join(p.replace("\n", " ") for p in __doc__.split("\n\n")[1:4])
     return Section(4, "Alignment", summary, tables, [_plot(tour, families, widths, mlps)],
                    figures, claims)  # fmt: skip
@@ -399,7 +425,7 @@ def _plot(tour, families: Sequence[Lines], widths: Sequence[int], mlps: Sequence
     from jaxcombine.tour.run import pyplot
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(families) + 1, figsize=(5 * (len(families) + 1), 3.8))
+    fig, axes = plt.subplots(1, len(families) + 1, figsize=(5 * (len(families) + 1), 4.4))
     for ax, lines in zip(axes, families, strict=False):
         for pair, losses in lines.losses.items():
             ax.plot(lines.alphas, losses, marker="o", markersize=3,
@@ -407,7 +433,6 @@ def _plot(tour, families: Sequence[Lines], widths: Sequence[int], mlps: Sequence
         ax.set_title(lines.family)
         ax.set_xlabel("alpha  (theta_A -> theta_B)")
         ax.set_ylabel(lines.metric)
-        ax.legend(fontsize=8)
     ax = axes[-1]
     for pair in (INDEPENDENT, MATCHED):
         ax.plot(widths, [m.barrier(pair) for m in mlps], marker="o", label=pair)
@@ -416,7 +441,8 @@ def _plot(tour, families: Sequence[Lines], widths: Sequence[int], mlps: Sequence
     ax.set_title("MLP: barrier vs width")
     ax.set_xlabel("hidden width")
     ax.set_ylabel("loss barrier")
-    ax.legend(fontsize=8)
+    for ax in axes:  # below the panel: the curves fill the middle of it
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()
     path = tour.plot_path("alignment_lines")
     fig.savefig(path, dpi=100)
