@@ -26,18 +26,19 @@ at full scale, member 0's first layer and head for member 0
 
 What to expect at this scale: the models have 50 thousand (quick) to 160
 thousand (full) parameters, so a decode step costs tens of microseconds on a
-CPU, set mostly by the number of operations rather than their arithmetic; N
-stacked members cost about 1.5-3 members' steps, not N, and a draft with half
-the layers costs over half a step. Every call also pays host work (padding,
-cache set-up, dispatch) of the order of its whole decode loop. So the stacked
-loop's gain over the Python loop is large (the loop pays N dispatches and a
-host round trip per token), while speculative decoding (``c`` near 0.5-1;
-Leviathan et al. drafted T5-XXL (11B) with T5-small (60M)) and prefix reuse
-(prefixes of 16-48 tokens) have little compute to save, and their own
-overheads are of the same order: ``start_from_prefix`` copies the state with
-un-jitted operations and ``generate`` checks the state's fingerprint (a sum
-over every parameter) on every request. ``bench/decode.py`` measures both on
-larger models (BENCHMARKS.md).
+CPU, and fixed per-step work dominates it: the layer-skip draft (half the
+layers) costs about a whole step of its model, and the stacked ensemble 2-4
+member steps. Every call also pays host work (padding, cache set-up, dispatch)
+of the order of its whole decode loop. So the stacked loop's gain over the
+Python loop is large (the loop pays N dispatches and a host round trip per
+token), while speculative decoding (``c`` of 0.25-1 here; Leviathan et al.
+drafted T5-XXL (11B) with T5-small (60M)) and prefix reuse (prefixes of 16-48
+tokens) have little compute to save, and their own overheads are of the same
+order: the speculative loop does more work per iteration than its forwards,
+``start_from_prefix`` copies the state with un-jitted operations and
+``generate`` checks the state's fingerprint (a sum over every parameter) on
+every request. ``bench/decode.py`` measures both on larger models
+(BENCHMARKS.md).
 
 Design. Tokens are deterministic (fixed held-out rows, greedy); times are not:
 every method is called once untimed (compile), then ``repeats`` rounds call
@@ -61,6 +62,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -159,7 +161,7 @@ def member_loop(forward: DecoderForward, member_params: Sequence[Any], config) -
     combines them there (:func:`host_mixture_argmax`, uniform weights)."""
     weights = np.full(len(member_params), 1.0 / len(member_params))
 
-    @jax.jit
+    @partial(jax.jit, donate_argnums=2)  # the member's cache is updated in place
     def step(params, token, cache):
         ones = jnp.ones((token.shape[0], 1), bool)
         logits, cache = forward(params, token[:, None], ones, cache)
@@ -206,7 +208,6 @@ def ideal_speedup(tokens_per_call: float, draft_steps: int, cost: float) -> floa
 class Models:
     """The members as the decoding functions take them."""
 
-    graphdef: Any
     config: Any
     member_params: list[Any]
     member: Decodable  # member 0 alone
@@ -217,7 +218,7 @@ class Models:
 def _models(members) -> Models:
     member_params = tree.unstack(members.params)
     decoders = [nnx.merge(members.graphdef, p) for p in member_params]
-    return Models(members.graphdef, members.config, member_params, Decodable.of(decoders[0]),
+    return Models(members.config, member_params, Decodable.of(decoders[0]),
                   stacked(decoders, RULE), decoders)  # fmt: skip
 
 
@@ -241,15 +242,15 @@ def ensemble_decoding(models: Models, held_out, sizes: Sizes) -> tuple[list, dic
             },
             sizes.repeats,
         )
-        tokens = batch * sizes.new_tokens
+        tokens = len(prompts) * sizes.new_tokens
         rate = {name: tokens / s for name, s in seconds.items()}
         same = outputs["loop"] == outputs["stacked"]
-        figures[f"batch_{batch}"] = {
+        figures[f"batch_{len(prompts)}"] = {
             "tokens_per_s": rate, "seconds": seconds, "loop_equals_stacked": same,
             "loop_over_stacked_time": seconds["loop"] / seconds["stacked"],
             "stacked_over_member_time": seconds["stacked"] / seconds["member"],
         }  # fmt: skip
-        rows.append([batch, rate["member"], rate["stacked"], rate["loop"],
+        rows.append([len(prompts), rate["member"], rate["stacked"], rate["loop"],
                      seconds["loop"] / seconds["stacked"],
                      seconds["stacked"] / seconds["member"], same])  # fmt: skip
     return rows, figures
@@ -301,7 +302,7 @@ def prefix_reuse(ensemble: Decodable, held_out, sizes: Sizes) -> tuple[list, dic
         sizes.repeats,
     )  # fmt: skip
     same = outputs["scratch"] == outputs["reuse"]
-    generated = sizes.requests * sizes.prefix_new
+    generated = len(requests) * sizes.prefix_new
     figures = {
         "seconds": seconds, "same_tokens": same,
         "speedup": seconds["scratch"] / seconds["reuse"],
