@@ -27,18 +27,19 @@ at full scale, member 0's first layer and head for member 0
 What to expect at this scale: the models have 50 thousand (quick) to 160
 thousand (full) parameters, so a decode step costs tens of microseconds on a
 CPU, and fixed per-step work dominates it: the layer-skip draft (half the
-layers) costs about a whole step of its model, and the stacked ensemble 2-4
-member steps. Every call also pays host work (padding, cache set-up, dispatch)
-of the order of its whole decode loop. So the stacked loop's gain over the
-Python loop is large (the loop pays N dispatches and a host round trip per
-token), while speculative decoding (``c`` of 0.25-1 here; Leviathan et al.
-drafted T5-XXL (11B) with T5-small (60M)) and prefix reuse (prefixes of 16-48
-tokens) have little compute to save, and their own overheads are of the same
-order: the speculative loop does more work per iteration than its forwards,
-``start_from_prefix`` copies the state with un-jitted operations and
-``generate`` checks the state's fingerprint (a sum over every parameter) on
-every request. ``bench/decode.py`` measures both on larger models
-(BENCHMARKS.md).
+layers) costs about a whole step of its model (1.0-1.4 measured), and the
+stacked ensemble's step 1.2-2 member steps at quick scale (3 members) and 3-6
+at full scale (4 members), on a loaded machine. Every call also pays host work
+(padding, cache set-up, dispatch) of the order of its whole decode loop. So
+the stacked loop's gain over the Python loop is large (the loop pays N
+dispatches and a host round trip per token), while speculative decoding (``c``
+of 0.2-1.4 here; Leviathan et al. drafted T5-XXL (11B) with T5-small (60M))
+and prefix reuse (prefixes of 16-48 tokens) have little compute to save, and
+their own overheads are of the same order: the speculative loop does more work
+per iteration than its forwards, ``start_from_prefix`` copies the state with
+un-jitted operations and ``generate`` checks the state's fingerprint (a sum
+over every parameter) on every request. ``bench/decode.py`` measures both on
+larger models (BENCHMARKS.md).
 
 Design. Tokens are deterministic (fixed held-out rows, greedy); times are not:
 every method is called once untimed (compile), then ``repeats`` rounds call
