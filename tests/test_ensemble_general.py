@@ -150,6 +150,9 @@ def test_posterior_coefficients_follow_the_prefix_likelihood(refs, models, tmp_p
 def test_a_gate_weights_every_step(models):
     members = [models["llama_gqa"], models["mistral"]]
     gate = Gate(2, members[0].config.hidden_size, rngs=nnx.Rngs(3))
+    # A new gate is the uniform ensemble (zero output layer); give it weights
+    # that vary with the hidden states, as a trained gate's do.
+    gate.out.kernel[...] = jax.random.normal(jax.random.key(3), gate.out.kernel[...].shape)
     ens = ensemble(members, Combination("linear"), coefficients=gate)
     out = generate(ens, [PROMPT], max_new_tokens=8, eos_token_ids=())[0]
     # Reference: each member run alone (jaxcombine, full sequence), the gate on
