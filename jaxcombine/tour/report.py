@@ -145,13 +145,23 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_outputs(out: Path, sections: Sequence[Section], settings: dict[str, Any]) -> None:
     """Write ``report.md`` and ``results.json`` into ``out`` (each renamed when complete)."""
     out.mkdir(parents=True, exist_ok=True)
-    document = results_document(sections, settings)
-    _write_atomic(out / "results.json", json.dumps(document, indent=2, default=_plain) + "\n")
+    document = _json_safe(results_document(sections, settings))
+    text = json.dumps(document, indent=2, allow_nan=False)
+    _write_atomic(out / "results.json", text + "\n")
     _write_atomic(out / "report.md", report_markdown(sections, settings))
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars and arrays in ``results.json``."""
+def _json_safe(value: Any) -> Any:
+    """Plain JSON: numpy scalars and arrays as numbers and lists, NaN and
+    infinities (an undefined ratio) as null."""
     if hasattr(value, "tolist"):
-        return value.tolist()
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     raise TypeError(f"cannot write {type(value).__name__} to results.json")
