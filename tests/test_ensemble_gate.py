@@ -267,3 +267,11 @@ def test_gate_checks_its_inputs():
         gate(jnp.zeros((2, 4, 16)))
     with pytest.raises(ConfigError, match="width must be a positive integer"):
         Gate(2, E, width=0, rngs=nnx.Rngs(0))
+
+
+def test_a_new_gate_is_the_uniform_ensemble():
+    gate = Gate(3, 8, width=16, rngs=nnx.Rngs(1))
+    hidden = np.random.default_rng(0).normal(size=(3, 2, 5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(gate(jnp.asarray(hidden))), np.full((3, 2, 5), 1 / 3, np.float32)
+    )

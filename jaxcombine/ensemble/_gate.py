@@ -65,6 +65,9 @@ GATED_RULES = ("linear", "loglinear", "logits")
 class Gate(nnx.Module):
     """Softmax weights over N members from their hidden states [N, ..., E].
 
+    A new gate gives every member the weight 1/N (its output layer is zero);
+    :func:`train_gate` moves it from there.
+
     Example::
 
         gate = Gate(num_members=2, hidden_size=32, rngs=nnx.Rngs(0))

@@ -14,7 +14,7 @@ with ``p`` a member's softmax or the combined distribution of
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -47,20 +47,33 @@ def init_members(config: DecoderConfig, seeds: Sequence[int]) -> tuple[Any, Any]
     return graphdef, tree.stack([nnx.state(m, nnx.Param) for m in models])
 
 
+def padded_batches(rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(batch [batch_size, L], real [batch_size] bool)`` over ``rows`` in order; the
+    last batch is padded with zero rows marked not real, so one compiled program
+    serves every batch."""
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        padded = np.zeros((batch_size, *rows.shape[1:]), rows.dtype)
+        padded[: len(batch)] = batch
+        yield padded, np.arange(batch_size) < len(batch)
+
+
 @functools.cache
 def _nll_sums(graphdef, rules: tuple[tuple[str, Combination], ...]):
     """The jitted pass of :func:`held_out_nll` (built once per model and rules, so
-    repeated evaluations -- soups, interpolations -- compile once per shape)."""
+    repeated evaluations -- soups, interpolations -- compile once per shape; the last
+    batch is padded with rows weighted 0, so every batch has one shape)."""
 
     @jax.jit
-    def sums(params, batch):
+    def sums(params, batch, real):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = jax.vmap(lambda p: nnx.merge(graphdef, p)(inputs).logits)(params)
         logits = logits.astype(jnp.float32)
 
-        def picked(log_probs):  # [..., B, T, V] -> summed log-prob of the targets
+        def picked(log_probs):  # [..., B, T, V] -> summed log-prob of the real rows' targets
             idx = jnp.broadcast_to(targets[..., None], log_probs.shape[:-1] + (1,))
-            return jnp.sum(jnp.take_along_axis(log_probs, idx, -1), axis=(-3, -2, -1))
+            per_row = jnp.sum(jnp.take_along_axis(log_probs, idx, -1), axis=(-2, -1))
+            return per_row @ real
 
         members = -picked(jax.nn.log_softmax(logits, -1))
         combined = {name: -picked(rule(logits)) for name, rule in rules}
@@ -83,8 +96,8 @@ def held_out_nll(
     sums = _nll_sums(graphdef, tuple(rules.items()))
     rows = np.asarray(rows)
     member_total, combined_total = 0.0, dict.fromkeys(rules, 0.0)
-    for start in range(0, len(rows), batch_size):
-        members, combined = sums(stacked_params, jnp.asarray(rows[start : start + batch_size]))
+    for padded, real in padded_batches(rows, batch_size):
+        members, combined = sums(stacked_params, jnp.asarray(padded), jnp.asarray(real, np.float32))
         member_total = member_total + np.asarray(members, np.float64)
         for name in rules:
             combined_total[name] += float(combined[name])

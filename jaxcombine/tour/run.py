@@ -64,9 +64,16 @@ class Tour:
             self.cache[key] = make()
         return self.cache[key]
 
-    def plot_path(self, name: str) -> Path:
+    def save_plot(self, fig, name: str) -> str:
+        """Write matplotlib figure ``fig`` to ``plots/<name>.png`` (laid out tight,
+        100 dpi), close it and return the path relative to ``out`` (the link in
+        report.md)."""
         (self.out / "plots").mkdir(parents=True, exist_ok=True)
-        return self.out / "plots" / f"{name}.png"
+        path = self.out / "plots" / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        pyplot().close(fig)
+        return str(path.relative_to(self.out))
 
 
 # Section number -> module of jaxcombine.tour.sections with ``run(tour) -> Section``.

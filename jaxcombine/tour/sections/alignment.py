@@ -446,8 +446,4 @@ def _plot(tour, families: Sequence[Lines], widths: Sequence[int], mlps: Sequence
     ax.set_ylabel("loss barrier")
     for ax in axes:  # below the panel: the curves fill the middle of it
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
-    fig.tight_layout()
-    path = tour.plot_path("alignment_lines")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path.relative_to(tour.out))
+    return tour.save_plot(fig, "alignment_lines")

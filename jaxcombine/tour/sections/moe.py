@@ -74,7 +74,7 @@ from jaxcombine import tree
 from jaxcombine.models import Decoder, DecoderConfig
 from jaxcombine.moe import MoEConfig, upcycle
 from jaxcombine.tour.fit import FitResult, fit
-from jaxcombine.tour.lm import init_members, small_decoder
+from jaxcombine.tour.lm import init_members, padded_batches, small_decoder
 from jaxcombine.tour.report import Claim, Section, Table
 from jaxcombine.tour.sections.common import corpus_data, lm_optimizer
 from jaxcombine.training import lm_loss, moe_aux_losses, token_cross_entropy
@@ -178,15 +178,11 @@ def held_out_scores(
     rows = np.asarray(rows)
     scores = _scores_pass(graphdef)
     nll_total, load_total = 0.0, 0.0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        padded = np.zeros((batch_size, rows.shape[1]), rows.dtype)
-        padded[: len(batch)] = batch
-        real = np.arange(batch_size) < len(batch)
+    for padded, real in padded_batches(rows, batch_size):
         nll, load = scores(stacked_params, jnp.asarray(padded), jnp.asarray(real))
-        nll_total = nll_total + np.asarray(nll, np.float64) * len(batch)
+        nll_total = nll_total + np.asarray(nll, np.float64) * real.sum()
         if load is not None:
-            load_total = load_total + np.asarray(load, np.float64) * len(batch)
+            load_total = load_total + np.asarray(load, np.float64) * real.sum()
     load = None if isinstance(load_total, float) else load_total / len(rows)
     return nll_total / len(rows), load
 
@@ -428,11 +424,7 @@ def _plot_loss(tour, runs: dict[str, Run], labels, half: int, dense_half) -> str
         ax.set_xlabel("step")
         ax.axvline(half, color="grey", lw=0.5, ls=":")
     held_ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = tour.plot_path("moe_loss")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path.relative_to(tour.out))
+    return tour.save_plot(fig, "moe_loss")
 
 
 def _plot_load(tour, loads: dict[str, np.ndarray], labels) -> str:
@@ -454,8 +446,4 @@ def _plot_load(tour, loads: dict[str, np.ndarray], labels) -> str:
         ax.set_ylabel("share of held-out token choices")
         ax.set_title(labels[name], fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = tour.plot_path("moe_load")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path.relative_to(tour.out))
+    return tour.save_plot(fig, "moe_load")

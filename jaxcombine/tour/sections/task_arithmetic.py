@@ -747,11 +747,7 @@ def _plot_merges(tour, accuracy, individual, methods) -> str:
     ax.set_title("One model for four tasks (test split, 1 = the task's own fine-tune)", fontsize=9)
     ax.set_ylim(0, 1.25)
     ax.legend(ncol=len(TASK_NAMES), fontsize=8, loc="upper center")
-    fig.tight_layout()
-    path = tour.plot_path("task_arithmetic_merges")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path.relative_to(tour.out))
+    return tour.save_plot(fig, "task_arithmetic_merges")
 
 
 def _plot_negation(tour, replicates: Sequence[Mapping[str, Negation]]) -> str:
@@ -774,8 +770,4 @@ def _plot_negation(tour, replicates: Sequence[Mapping[str, Negation]]) -> str:
                  f"{NEGATION_SCALES[-1]:g}\n(validation split, mean of replicates)",
                  fontsize=9)  # fmt: skip
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = tour.plot_path("task_arithmetic_negation")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path.relative_to(tour.out))
+    return tour.save_plot(fig, "task_arithmetic_negation")
