@@ -1,17 +1,8 @@
-"""Every test sees 8 fake CPU devices (set before jax is imported)."""
+"""Fixtures shared by the tests (the environment is set in the root conftest.py)."""
 
-import os
+import pytest
 
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
-
-from tests import hf_models  # noqa: E402
+from tests import hf_models
 
 
 @pytest.fixture(scope="session")

@@ -77,8 +77,8 @@ class Tour:
 
 
 # Section number -> module of jaxcombine.tour.sections with ``run(tour) -> Section``.
-SECTIONS = {1: "ensembles", 2: "averaging", 4: "alignment", 5: "evidence", 6: "distillation",
-            7: "moe", 8: "speed"}  # fmt: skip
+SECTIONS = {1: "ensembles", 2: "averaging", 3: "task_arithmetic", 4: "alignment",
+            5: "evidence", 6: "distillation", 7: "moe", 8: "speed"}  # fmt: skip
 
 
 # Sections that compare an in-domain with an out-of-domain corpus.
