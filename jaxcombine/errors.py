@@ -5,13 +5,26 @@ config key) and how to fix it. They all derive from :class:`JaxcombineError`,
 so a caller can catch the library's own failures with one ``except`` clause,
 and the command line prints them without a traceback.
 
-Example::
+The hierarchy::
 
-    raise TensorShapeError(
-        "tensor has the wrong shape: file has (64, 32), config.json implies (32, 64)",
-        where="tiny/model.safetensors: model.layers.0.mlp.up_proj.weight",
-        fix="check intermediate_size and hidden_size in config.json",
-    )
+    JaxcombineError
+    ├── ConfigError            (UnsupportedModelError)
+    ├── CheckpointError        (TensorError; checkpoint.JobMismatchError)
+    ├── InputError
+    └── OutputExistsError
+
+>>> from jaxcombine.errors import JaxcombineError, TensorError
+>>> try:
+...     raise TensorError(
+...         "file has shape (64, 32), config.json implies (32, 64)",
+...         where="tiny/model.safetensors: model.layers.0.mlp.up_proj.weight",
+...         fix="check intermediate_size and hidden_size in config.json",
+...     )
+... except JaxcombineError as e:     # one clause catches every library error
+...     print(e)
+tiny/model.safetensors: model.layers.0.mlp.up_proj.weight: file has shape (64, 32),
+config.json implies (32, 64)
+  How to fix: check intermediate_size and hidden_size in config.json
 """
 
 from __future__ import annotations
@@ -20,7 +33,18 @@ import difflib
 
 
 class JaxcombineError(Exception):
-    """Base class: a message, the place it concerns and how to fix it."""
+    """Base class: a message, the place it concerns and how to fix it.
+
+    ``str(error)`` is ``"WHERE: MESSAGE"`` plus a ``"How to fix: FIX"`` line;
+    the parts stay available as ``.message``, ``.where`` and ``.fix``.
+
+    >>> e = JaxcombineError("unknown method 'tiez'", where="merge_method", fix="use 'ties'")
+    >>> print(e)
+    merge_method: unknown method 'tiez'
+      How to fix: use 'ties'
+    >>> e.where, e.fix
+    ('merge_method', "use 'ties'")
+    """
 
     def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
         self.message = message
@@ -36,7 +60,11 @@ class JaxcombineError(Exception):
 
 
 class ConfigError(JaxcombineError):
-    """A configuration (config.json, a merge YAML, keyword arguments) is invalid."""
+    """A configuration (config.json, a merge YAML, keyword arguments) is invalid.
+
+    >>> isinstance(ConfigError("bad"), JaxcombineError), isinstance(ConfigError("bad"), ValueError)
+    (True, False)
+    """
 
 
 class UnsupportedModelError(ConfigError):
@@ -71,6 +99,14 @@ __all__ = [
 
 
 def closest(name: str, options) -> str:
-    """A fix hint: the closest valid name ("did you mean 'ties'?"), else every valid one."""
+    """A fix hint: the closest valid name ("did you mean 'ties'?"), else every valid one.
+
+    Closeness is ``difflib.get_close_matches`` (ratio >= 0.6).
+
+    >>> closest("tiez", ["ties", "linear", "slerp"])
+    "did you mean 'ties'?"
+    >>> closest("xyz", ["ties", "linear"])
+    'valid: linear, ties'
+    """
     match = difflib.get_close_matches(name, list(options), n=1)
     return f"did you mean {match[0]!r}?" if match else f"valid: {', '.join(sorted(options))}"
