@@ -17,11 +17,18 @@ The layer position of a tensor in layer i of a model with N layers is
 t = i / (N - 1) (t = 1 when N = 1); tensors outside the layers (embeddings,
 final norm, head) get t = 0, as mergekit plans them.
 
-Example::
+These are the settings of mergekit (Goddard et al. 2024, arXiv:2403.13257).
 
-    weight = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}]
-    evaluate_setting("model.layers.3.self_attn.q_proj.weight", weight, t=0.75)   # 0.75
-    resolve(params, weight)        # a pytree of values, one per leaf
+>>> from jaxcombine.rules import evaluate_setting, resolve
+>>> weight = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}]
+>>> evaluate_setting("model.layers.3.self_attn.q_proj.weight", weight, t=0.75)
+0.75
+>>> evaluate_setting("model.layers.3.mlp.up_proj.weight", weight, t=0.75)
+0.5
+>>> params = {"layers": [{"self_attn": 0, "mlp": 0} for _ in range(3)]}
+>>> resolve(params, weight)        # t = 0, 1/2, 1 in layers 0, 1, 2
+{'layers': [{'mlp': 0.5, 'self_attn': 0.0}, {'mlp': 0.5, 'self_attn': 0.5},
+            {'mlp': 0.5, 'self_attn': 1.0}]}
 """
 
 from __future__ import annotations
@@ -72,7 +79,21 @@ def _check_rule(rule, where: str) -> None:
 
 
 def evaluate_setting(name: str, setting: Any, t: float = 0.0, *, where: str = "setting") -> Any:
-    """The value of ``setting`` for tensor ``name`` at layer position ``t`` (or None)."""
+    """The value of ``setting`` for tensor ``name`` at layer position ``t`` (or None).
+
+    A gradient ``[v_0, ..., v_{n-1}]`` gives, with s = t (n - 1) and
+    i = floor(s), (1 - (s - i)) v_i + (s - i) v_{i+1} (v_{n-1} at t = 1).
+
+    >>> evaluate_setting("any", 0.3)                       # a scalar: everywhere
+    0.3
+    >>> evaluate_setting("any", [0.0, 1.0, 0.5], t=0.75)   # s = 1.5: (1 + 0.5) / 2
+    0.75
+    >>> evaluate_setting("any", ["a", "b", "c"], t=0.9)    # non-numbers: int(1.8) = 1
+    'b'
+    >>> rules = [{"regex": "^layers.*mlp", "value": 2.0}, {"filter": "attn", "value": 1.0}]
+    >>> evaluate_setting("layers.0.mlp.w", rules), evaluate_setting("embed", rules)
+    (2.0, None)
+    """
     if isinstance(setting, Mapping):
         setting = [setting]
     if _is_scalar(setting):
@@ -101,13 +122,25 @@ def evaluate_setting(name: str, setting: Any, t: float = 0.0, *, where: str = "s
 
 
 def layer_index(name: str) -> int | None:
-    """The layer number in 'model.layers.7.mlp...' or 'layers/7/mlp/...', else None."""
+    """The layer number in 'model.layers.7.mlp...' or 'layers/7/mlp/...', else None.
+
+    >>> layer_index("model.layers.7.mlp.up_proj.weight"), layer_index("layers/12/attn")
+    (7, 12)
+    >>> layer_index("model.embed_tokens.weight") is None
+    True
+    """
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
 
 
 def layer_position(name: str, num_layers: int) -> float:
-    """mergekit's t: i / (N - 1) inside the layers (1 when N = 1), 0 outside them."""
+    """mergekit's t: i / (N - 1) inside the layers (1 when N = 1), 0 outside them.
+
+    >>> layer_position("model.layers.3.mlp.w", 5), layer_position("lm_head.weight", 5)
+    (0.75, 0.0)
+    >>> layer_position("layers/0/mlp", 1)
+    1.0
+    """
     index = layer_index(name)
     if index is None:
         return 0.0
@@ -127,6 +160,16 @@ def resolve(
     ``num_layers`` defaults to 1 + the largest layer index among the leaves.
     With ``strict``, a ``{filter}``/``{regex}`` rule that matches no leaf at all
     is an error naming it (usually a typo).
+
+    >>> params = {"layers": [{"attn": 0, "mlp": 0}, {"attn": 0, "mlp": 0}]}
+    >>> resolve(params, [1.0, 3.0])                    # t = 0 in layer 0, t = 1 in layer 1
+    {'layers': [{'attn': 1.0, 'mlp': 1.0}, {'attn': 3.0, 'mlp': 3.0}]}
+    >>> resolve(params, [{"filter": "atn", "value": 1.0}], where="weight")
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: weight: rule 'atn' matches no tensor (for example
+    ['layers/0/attn', 'layers/0/mlp', 'layers/1/attn'])
+      How to fix: check the spelling of the filter against the tensor names
     """
     paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     if num_layers is None:
@@ -141,7 +184,16 @@ def resolve(
 
 
 def check_rules_match(setting, paths: list[str], where: str) -> None:
-    """A ConfigError naming the first ``{filter}``/``{regex}`` rule that matches no path."""
+    """A ConfigError naming the first ``{filter}``/``{regex}`` rule that matches no path.
+
+    Catch-all rules (no filter, ``None`` or ``"*"``), scalars and gradients pass.
+
+    >>> check_rules_match([{"filter": "mlp", "value": 1}], ["layers/0/mlp"], "weight")
+    >>> check_rules_match([{"regex": "^head", "value": 1}], ["layers/0/mlp"], "weight")
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: weight: rule '^head' matches no tensor ...
+    """
     rules = [setting] if isinstance(setting, Mapping) else setting
     if not isinstance(rules, list) or all(_is_scalar(v) for v in rules):
         return
