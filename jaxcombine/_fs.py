@@ -1,4 +1,9 @@
-"""Output files that appear only when complete."""
+"""Output files that appear only when complete.
+
+Every writer of a directory (``jaxcombine merge``, ``save_model``, ...) writes
+into a hidden temporary beside the target and renames it when done, so readers
+never see half an output (:func:`atomic_directory`).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,30 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     ``.NAME.tmp-PID-*`` directory, removed by the next run). An existing
     non-empty ``out_dir`` is refused unless ``overwrite``; it is then replaced
     only once the new output is complete.
+
+    >>> import shutil, tempfile
+    >>> from pathlib import Path
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with atomic_directory(root / "out") as tmp:
+    ...     _ = (tmp / "a.txt").write_text("done")
+    ...     print((root / "out").exists())            # not there while writing
+    False
+    >>> sorted(p.name for p in root.iterdir()), (root / "out" / "a.txt").read_text()
+    (['out'], 'done')
+    >>> with atomic_directory(root / "out") as tmp:   # not empty, no overwrite
+    ...     pass
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.OutputExistsError: .../out: output path already exists and is not empty
+      How to fix: choose a new output path, remove this one, or pass --overwrite
+    >>> with atomic_directory(root / "out", overwrite=True) as tmp:
+    ...     raise RuntimeError("failed half-way")     # a failed run
+    Traceback (most recent call last):
+    ...
+    RuntimeError: failed half-way
+    >>> sorted(p.name for p in root.iterdir()), sorted(p.name for p in (root / "out").iterdir())
+    (['out'], ['a.txt'])
+    >>> shutil.rmtree(root)
     """
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
