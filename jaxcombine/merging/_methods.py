@@ -213,11 +213,17 @@ def linear(
     normalize: bool = True,
     num_layers: int | None = None,
 ):
-    """Weighted average sum_i w_i theta_i / sum_i w_i (model soups, arXiv:2203.05482).
+    """Weighted average sum_i w_i theta_i / sum_i w_i (mergekit's ``linear``).
 
-    Example::
+    ``normalize=False`` gives the plain weighted sum sum_i w_i theta_i. Each
+    weight may be a layer gradient or a list of ``{filter, value}`` rules. The
+    uniform soup of Wortsman et al. 2022, "Model soups", arXiv:2203.05482.
 
-        merged = linear([a, b], weights=[0.3, 0.7])
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> a, b = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 6.0])}
+    >>> print(merging.linear([a, b], weights=[1.0, 3.0])["w"])   # (1 a + 3 b) / 4
+    [2.5 5. ]
     """
     return merge(
         LINEAR_SPEC,
@@ -253,12 +259,18 @@ def task_arithmetic(
     ``normalize`` divides by the summed weights of agreeing models; ``rescale``
     False, True/"l1" (mergekit), "density" (DARE paper) or "probability"
     (DELLA paper); ``disjoint`` "weighted" (mergekit) or "mean" (TIES paper).
-    With only ``weights`` given it is mergekit's ``task_arithmetic``.
+    With only ``weights`` given it is mergekit's ``task_arithmetic``:
+    theta_0 + lambda sum_i w_i (theta_i - theta_0).
 
-    Example::
-
-        merged = task_arithmetic(base, [a, b], weights=[1.0, 1.0], lambda_=0.5)
-        forget = task_arithmetic(base, [toxic], weights=[-1.0])     # negation
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.array([1.0, 1.0, 1.0])}
+    >>> a = {"w": jnp.array([2.0, 1.0, 0.0])}             # tau_a = [1, 0, -1]
+    >>> b = {"w": jnp.array([1.0, 3.0, 1.0])}             # tau_b = [0, 2, 0]
+    >>> print(merging.task_arithmetic(base, [a, b], weights=[1.0, 1.0], lambda_=0.5)["w"])
+    [1.5 2.  0.5]
+    >>> print(merging.task_arithmetic(base, [a], weights=[-1.0])["w"])   # negation
+    [0. 1. 2.]
     """
     method = gta_method(
         "task_arithmetic",
@@ -310,12 +322,28 @@ def ties(
 
     Keep each task vector's ``density`` fraction of largest magnitudes, elect
     each entry's sign by the mass of the weighted vectors, and average the
-    agreeing entries weighted by ``weights`` (mergekit's ``ties``).
+    agreeing entries weighted by ``weights`` (mergekit's ``ties``)::
+
+        tau_i' = tau_i * [|tau_i| among the top density_i of |tau_i|]
+        s      = sign(sum_i w_i tau_i')                          (elected sign, + on ties)
+        merged = theta_0 + lambda sum_i [sign(tau_i') = s] w_i tau_i'
+                            / sum_i [sign(tau_i') = s] w_i      (divisor 0 -> 1)
 
     The paper's variants: ``topk="model"`` trims over the whole model (one
     magnitude threshold per task vector across all tensors; ``densities`` must
     be plain numbers) instead of per tensor; ``disjoint="mean"`` averages the
     agreeing entries unweighted; ``consensus="count"`` elects by majority.
+
+    Entry 0 below: the trimmed vectors disagree (4 and -2.5), + wins by mass and
+    a's 4 is kept, where task arithmetic would give 1.5:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(4)}
+    >>> a = {"w": jnp.array([4.0, -1.0, 2.0, 0.5])}       # top half kept: [4, 0, 2, 0]
+    >>> b = {"w": jnp.array([-2.5, 3.0, 2.0, 1.0])}       # top half kept: [-2.5, 3, 0, 0]
+    >>> print(merging.ties(base, [a, b], weights=[1.0, 1.0], densities=[0.5, 0.5])["w"])
+    [4. 3. 2. 0.]
     """
     if topk not in ("tensor", "model"):
         raise ConfigError(
@@ -348,7 +376,17 @@ def global_magnitude_prune(base, models, densities: Sequence[float]):
     Returns base + pruned tau per model; k_i = max(1, int(density_i * total)),
     exactly k_i entries (ties at the cut taken in leaf order). The threshold is
     found by counting passes over the leaves (a radix select), so the model is
-    never concatenated. Integer leaves are left as they are.
+    never concatenated. Integer leaves are left as they are. Used by
+    ``ties(..., topk="model")``, the TIES paper's trim (Yadav et al. 2023,
+    arXiv:2306.01708).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+    >>> ft = {"a": jnp.array([5.0, 1.0]), "b": jnp.array([2.0, -4.0])}
+    >>> (pruned,) = merging.global_magnitude_prune(base, [ft], [0.5])   # k = 2 of 4
+    >>> print(pruned["a"], pruned["b"])
+    [5. 0.] [ 0. -4.]
     """
     check_same_structure([base, *models])
     per_model(len(models), density=densities)
@@ -402,7 +440,22 @@ def dare_ties(
 
     Each entry of tau_i is kept with probability ``density``; survivors are
     rescaled so the L1 norm of tau_i is kept (mergekit; ``rescale="density"``
-    divides by the density as in the paper), then signs are elected as in TIES.
+    divides by the density as in the paper), then signs are elected as in TIES::
+
+        tau_i' = rescale(m_i * tau_i),  m_i ~ Bernoulli(density_i)
+        merged = theta_0 + lambda sum_i [sign(tau_i') = s] w_i tau_i',  s = sign(sum_i w_i tau_i')
+
+    At density 1 nothing is dropped; at entry 0 below the models disagree and
+    b's -1 loses the election (2, where task arithmetic gives 1):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(2)}
+    >>> a, b = {"w": jnp.array([2.0, -1.0])}, {"w": jnp.array([-1.0, -1.0])}
+    >>> merged = merging.dare_ties(base, [a, b], weights=[1.0, 1.0], densities=[1.0, 1.0],
+    ...                            key=jax.random.key(0))
+    >>> print(merged["w"])
+    [ 2. -2.]
     """
     return _named(
         "dare_ties",
@@ -428,7 +481,22 @@ def dare_linear(
     rescale: bool | str = True,
     num_layers: int | None = None,
 ):
-    """DARE (Yu et al. 2023, arXiv:2311.03099) without sign election: drop, rescale, add."""
+    """DARE (Yu et al. 2023, arXiv:2311.03099) without sign election: drop, rescale, add.
+
+    merged = theta_0 + lambda sum_i w_i rescale(m_i * tau_i) with m_i ~
+    Bernoulli(density_i) per entry. ``rescale=True`` (mergekit) keeps each
+    pruned tensor's L1 norm, ``"density"`` divides by the density (the paper),
+    so every survivor is tau / density:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base, ft = {"w": jnp.zeros(1000)}, {"w": jnp.ones(1000)}
+    >>> merged = merging.dare_linear(base, [ft], weights=[1.0], densities=[0.25],
+    ...                              key=jax.random.key(0), rescale="density")
+    >>> w = merged["w"]
+    >>> print(bool(jnp.all((w == 0) | (w == 4.0))), 0.2 < float(jnp.mean(w != 0)) < 0.3)
+    True True
+    """
     return _named(
         "dare_linear",
         base,
@@ -455,7 +523,17 @@ def breadcrumbs(
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795).
 
     Per tensor, drop the ``gamma`` fraction of largest |tau| (outliers) and the
-    smallest, keeping ``density`` of the entries; then add the weighted vectors.
+    smallest, keeping ``density`` of the entries; then add the weighted vectors:
+    merged = theta_0 + lambda sum_i w_i m_i tau_i, with m_i keeping the ranks
+    [n - k - int(gamma n), n - int(gamma n)) of |tau_i| in ascending order,
+    k = int(density n) (``gamma`` defaults to 0.01).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base, ft = {"w": jnp.zeros(10)}, {"w": jnp.arange(1.0, 11.0)}   # |tau| = 1..10
+    >>> merged = merging.breadcrumbs(base, [ft], weights=[1.0], densities=[0.5], gammas=[0.1])
+    >>> print(merged["w"])                       # the outlier 10 and the four smallest dropped
+    [0. 0. 0. 0. 5. 6. 7. 8. 9. 0.]
     """
     return _named(
         "breadcrumbs",
@@ -481,7 +559,22 @@ def breadcrumbs_ties(
     normalize: bool = False,
     num_layers: int | None = None,
 ):
-    """Model Breadcrumbs with TIES sign election (arXiv:2312.06795, arXiv:2306.01708)."""
+    """Model Breadcrumbs with TIES sign election (arXiv:2312.06795, arXiv:2306.01708).
+
+    The Breadcrumbs masks of :func:`breadcrumbs`, then the sum of the weighted
+    entries that agree with the elected sign s = sign(sum_i w_i m_i tau_i).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(4)}
+    >>> a = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}        # kept: [0, 2, 3, 0]
+    >>> b = {"w": jnp.array([-1.0, -3.0, -2.0, -4.0])}    # kept: [0, -3, -2, 0]
+    >>> kw = dict(weights=[1.0, 1.0], densities=[0.5, 0.5], gammas=[0.25, 0.25])
+    >>> print(merging.breadcrumbs_ties(base, [a, b], **kw)["w"])
+    [ 0. -3.  3.  0.]
+    >>> print(merging.breadcrumbs(base, [a, b], **kw)["w"])   # without the election
+    [ 0. -1.  1.  0.]
+    """
     return _named(
         "breadcrumbs_ties",
         base,
@@ -515,6 +608,21 @@ def della(
     the L1 norm (mergekit) or by 1/p_j (``rescale="probability"``, the paper);
     then TIES sign election and a weighted disjoint mean. ``epsilon`` defaults
     to 0.15 and density +/- epsilon must stay in (0, 1).
+
+    With ``rescale="probability"`` every survivor is tau_j / p_j
+    (:func:`della_probabilities` gives p):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base, ft = {"w": jnp.zeros((1, 5))}, {"w": jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0]])}
+    >>> p = merging.della_probabilities(ft["w"], 0.5, 0.2)
+    >>> print(p)
+    [[0.3 0.4 0.5 0.6 0.7]]
+    >>> merged = merging.della(base, [ft], weights=[1.0], densities=[0.5], epsilons=[0.2],
+    ...                        key=jax.random.key(0), rescale="probability")
+    >>> w = merged["w"]
+    >>> print(bool(jnp.all((w == 0) | jnp.isclose(w, ft["w"] / p))))
+    True
     """
     return _named(
         "della",
@@ -542,7 +650,20 @@ def della_linear(
     rescale: bool | str = True,
     num_layers: int | None = None,
 ):
-    """DELLA's MagPrune without sign election (arXiv:2406.11617)."""
+    """DELLA's MagPrune without sign election (arXiv:2406.11617).
+
+    merged = theta_0 + lambda sum_i w_i rescale(m_i * tau_i), m_ij ~ Bernoulli(p_ij)
+    with p from :func:`della_probabilities`; with mergekit's default rescaling
+    each pruned tensor keeps its L1 norm:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base, ft = {"w": jnp.zeros((1, 8))}, {"w": jnp.arange(1.0, 9.0)[None]}
+    >>> merged = merging.della_linear(base, [ft], weights=[1.0], densities=[0.5],
+    ...                               key=jax.random.key(0))
+    >>> print(float(jnp.abs(merged["w"]).sum()), float(ft["w"].sum()))   # L1 norms
+    36.0 36.0
+    """
     return _named(
         "della_linear",
         base,
