@@ -19,13 +19,22 @@ temporary directory, removed on the next start), the last ``keep`` kept, and
 sharded arrays written by every process and restorable on any number of
 processes (the target's shardings decide the layout).
 
-Example::
-
-    check_job(workdir, {"kind": "lm", "model": config_dict, ...})
-    manager = checkpoint_manager(workdir, keep=3)
-    restored = restore_latest(manager, abstract_state)   # None on a fresh start
-    ...
-    manager.save(step, args=ocp.args.StandardSave(state))
+>>> import shutil, tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+>>> from jaxcombine.checkpoint import abstract_like, check_job, checkpoint_manager, restore_latest
+>>> workdir = tempfile.mkdtemp()
+>>> state = {"step": jnp.array(0), "params": {"w": jnp.zeros(3)}}
+>>> check_job(workdir, {"kind": "lm", "model": {"hidden_size": 64}})
+>>> manager = checkpoint_manager(workdir, keep=3)
+>>> print(restore_latest(manager, abstract_like(state)))      # a fresh start
+None
+>>> state = {"step": jnp.array(7), "params": {"w": jnp.array([1.0, 2.0, 3.0])}}
+>>> manager.save(7, args=ocp.args.StandardSave(state))
+True
+>>> manager.wait_until_finished()
+>>> step, restored = restore_latest(manager, abstract_like(state))
+>>> step, restored["params"]["w"].tolist()
+(7, [1.0, 2.0, 3.0])
+>>> manager.close(); shutil.rmtree(workdir)
 """
 
 from __future__ import annotations
@@ -52,7 +61,15 @@ class JobMismatchError(CheckpointError):
 
 def job_differences(saved: Any, current: Any, where: str = "") -> list[str]:
     """Human-readable differences between two JSON-like job descriptions,
-    one per differing key (``model.hidden_size: 64 in the workdir, 128 now``)."""
+    one per differing key (``model.hidden_size: 64 in the workdir, 128 now``).
+
+    Tuples and lists compare equal (as they read back from JSON).
+
+    >>> job_differences({"model": {"dim": 64}, "lr": 1e-3, "shape": [2, 3]},
+    ...                 {"model": {"dim": 128}, "shape": (2, 3), "seed": 0})
+    ['lr: 0.001 in the workdir, absent now', 'model.dim: 64 in the workdir, 128 now',
+     'seed: absent in the workdir, 0 now']
+    """
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
@@ -80,6 +97,19 @@ def check_job(workdir: str | os.PathLike, job: Mapping) -> None:
     Raises :class:`JobMismatchError` naming every difference when the workdir
     holds another job's record. Process 0 writes (via a temporary name); every
     process checks.
+
+    >>> import shutil, tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> check_job(workdir, {"kind": "lm", "layers": 2})      # records it
+    >>> check_job(workdir, {"kind": "lm", "layers": 2})      # the same job: fine
+    >>> check_job(workdir, {"kind": "moe", "layers": 2})
+    Traceback (most recent call last):
+    ...
+    jaxcombine.checkpoint.JobMismatchError: .../job.json: the workdir holds checkpoints of a
+    different job:
+        kind: 'lm' in the workdir, 'moe' now
+      How to fix: use a fresh workdir, or run with the configuration recorded there
+    >>> shutil.rmtree(workdir)
     """
     path = Path(workdir) / JOB_FILE
     current = _jsonable(dict(job))
@@ -112,7 +142,16 @@ def checkpoint_manager(
     workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True
 ) -> ocp.CheckpointManager:
     """An Orbax manager of ``workdir/checkpoints`` keeping the last ``keep``
-    checkpoints, saving asynchronously, removing half-written ones."""
+    checkpoints, saving asynchronously, removing half-written ones.
+
+    See the module docstring for a save and restore.
+
+    >>> checkpoint_manager("unused", keep=0)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.CheckpointError: keep_checkpoints: keep must be at least 1, got 0
+      How to fix: keep at least the last checkpoint
+    """
     if keep < 1:
         raise CheckpointError(
             f"keep must be at least 1, got {keep}",
@@ -133,7 +172,12 @@ def checkpoint_manager(
 
 
 def abstract_like(state: Any) -> Any:
-    """Shapes, dtypes and shardings of ``state``'s arrays: Orbax's restore target."""
+    """Shapes, dtypes and shardings of ``state``'s arrays: Orbax's restore target.
+
+    >>> import jax.numpy as jnp
+    >>> abstract_like({"w": jnp.zeros((2, 3), jnp.bfloat16)})["w"]
+    ShapeDtypeStruct(shape=(2, 3), dtype=bfloat16, sharding=...)
+    """
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
@@ -145,6 +189,19 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[int, An
 
     Every array's shape and dtype is checked against the checkpoint's metadata
     first; a difference is a :class:`JobMismatchError` naming the array.
+
+    >>> import shutil, tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> workdir = tempfile.mkdtemp()
+    >>> manager = checkpoint_manager(workdir, async_save=False)
+    >>> manager.save(1, args=ocp.args.StandardSave({"w": jnp.zeros(4)}))
+    True
+    >>> restore_latest(manager, abstract_like({"w": jnp.zeros(5)}))     # model grew
+    Traceback (most recent call last):
+    ...
+    jaxcombine.checkpoint.JobMismatchError: .../checkpoints/1: array w is float32[4] in the
+    checkpoint, float32[5] now
+      How to fix: resume with the configuration (model shape) the checkpoint was written with
+    >>> manager.close(); shutil.rmtree(workdir)
     """
     step = manager.latest_step()
     if step is None:
