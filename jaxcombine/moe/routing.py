@@ -10,13 +10,16 @@ Dimension letters (as in V-MoE and MaxText):
     D  model width
     F  expert hidden width
 
-Token choice (Shazeer 2017; GShard; Switch; Mixtral): each token takes the
+Token choice (Shazeer et al. 2017, arXiv:1701.06538; GShard, Lepikhin et al.
+2020, arXiv:2006.16668; Switch, Fedus et al. 2021, arXiv:2101.03961; Mixtral,
+Jiang et al. 2024, arXiv:2401.04088): each token takes the
 top-K experts of ``softmax(logits)`` (weights renormalised over the K for
 Mixtral, not for Switch). With a capacity, each expert has C slots per group;
 slots are claimed first by every token's first choice, then by second
 choices, and so on, in token order or by router probability (V-MoE's
-batch-prioritised routing). A choice that finds its expert full is dropped:
-it contributes zero (the residual carries the token).
+batch-prioritised routing, Riquelme et al. 2021, arXiv:2106.05974). A choice
+that finds its expert full is dropped: it contributes zero (the residual
+carries the token).
 
 Worked example, G = 1, S = 4 tokens, E = 4 experts, K = 2, C = 2::
 
@@ -31,7 +34,8 @@ Worked example, G = 1, S = 4 tokens, E = 4 experts, K = 2, C = 2::
     round 2 (second choices):             e2 <- t0 (slot 1), e0 <- t1,
                                           e2 full for t2, e3 <- t3
 
-``slots[g, s, k]`` holds the slot index, or C for a dropped choice. Dispatch
+``slots[g, s, k]`` holds the slot index, or C for a dropped choice (the
+doctest of :func:`token_choice` runs this example). Dispatch
 and combine use these indices (a gather into ``[G, E, C, D]`` expert inputs,
 a gather back and a weighted sum over K): no ``[G, S, E, C]`` one-hot tensor
 is built, unlike flaxformer's and V-MoE's einsum dispatch (kept in the tests
@@ -65,8 +69,8 @@ included, so it does not suit causal decoding.
 
 Losses are returned, never added silently: the load-balancing loss
 (Switch / GShard: E * sum_e f_e P_e, f_e the fraction of token choices routed
-to e, P_e the mean router probability of e) and the router z-loss (ST-MoE:
-mean of logsumexp(logits)^2).
+to e, P_e the mean router probability of e) and the router z-loss (ST-MoE,
+Zoph et al. 2022, arXiv:2202.08906: mean of logsumexp(logits)^2).
 """
 
 from __future__ import annotations
@@ -88,7 +92,13 @@ class Routing(NamedTuple):
 
     ``experts`` [G, S, K] the chosen expert per token and choice; ``weights``
     [G, S, K] its combine weight (0 where dropped); ``slots`` [G, S, K] its
-    slot in the expert's buffer, ``capacity`` where dropped.
+    slot in the expert's buffer, ``capacity`` where dropped. Made by
+    :func:`token_choice`:
+
+    >>> routing = token_choice(jnp.array([[[0.9, 0.1], [0.8, 0.2]]]), 1, capacity=1,
+    ...                        renormalize=False)
+    >>> print(routing.experts[..., 0], routing.slots[..., 0], routing.weights[..., 0])
+    [[0 0]] [[0 1]] [[0.9 0. ]]
     """
 
     experts: jax.Array
@@ -98,15 +108,25 @@ class Routing(NamedTuple):
 
 
 def router_probabilities(logits: jax.Array) -> jax.Array:
-    """softmax over experts, in float32 (Switch's selective precision)."""
+    """``softmax(logits)`` over the last axis (experts), in float32 (Switch's
+    selective precision, Fedus et al. 2021, arXiv:2101.03961).
+
+    >>> print(router_probabilities(jnp.log(jnp.array([1.0, 3.0]))))
+    [0.25 0.75]
+    """
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 def top_k_choice(probs: jax.Array, k: int, *, renormalize: bool) -> tuple[jax.Array, jax.Array]:
     """The K most probable experts per token and their weights ``[..., K]``.
 
-    ``renormalize``: weights divided by their sum over the K (Mixtral);
-    otherwise the raw probabilities (Switch top-1).
+    ``renormalize``: weights divided by their sum over the K (Mixtral),
+    ``w_k = p_{e_k} / sum_j p_{e_j}``; otherwise the raw probabilities
+    ``w_k = p_{e_k}`` (Switch top-1).
+
+    >>> weights, experts = top_k_choice(jnp.array([0.1, 0.6, 0.3]), 2, renormalize=True)
+    >>> print(experts, weights)      # 0.6 / 0.9, 0.3 / 0.9
+    [1 2] [0.6667 0.3333]
     """
     check_k(k, probs.shape[-1])
     weights, experts = jax.lax.top_k(probs, k)
@@ -116,6 +136,13 @@ def top_k_choice(probs: jax.Array, k: int, *, renormalize: bool) -> tuple[jax.Ar
 
 
 def check_k(k: int, num_experts: int) -> None:
+    """Raise :class:`~jaxcombine.errors.ConfigError` unless ``1 <= k <= num_experts``.
+
+    >>> check_k(3, 2)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: num_experts_per_token: experts per token k=3 must be ...
+    """
     if not 1 <= k <= num_experts:
         raise ConfigError(
             f"experts per token k={k} must be between 1 and the number of experts ({num_experts})",
@@ -125,6 +152,14 @@ def check_k(k: int, num_experts: int) -> None:
 
 
 def check_capacity_factor(capacity_factor: float) -> None:
+    """Raise :class:`~jaxcombine.errors.ConfigError` unless ``capacity_factor > 0``.
+
+    >>> check_capacity_factor(0.0)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: capacity_factor: capacity_factor must be > 0, got 0.0
+    ...
+    """
     if not capacity_factor > 0:
         raise ConfigError(
             f"capacity_factor must be > 0, got {capacity_factor}",
@@ -149,6 +184,12 @@ def expert_capacity(
     code rounds to the nearest integer); the result is then rounded up to a
     multiple of ``multiple_of`` (hardware-friendly sizes, e.g. 4 or 128) and
     is at least ``minimum``.
+
+    >>> expert_capacity(10, 4, 2, 1.25)              # 1.25 * 10 * 2 / 4 = 6.25
+    7
+    >>> expert_capacity(10, 4, 2, 1.25, rounding="floor"), expert_capacity(10, 4, 2, 1.25,
+    ...                                                                     multiple_of=4)
+    (6, 8)
     """
     check_capacity_factor(capacity_factor)
     raw = capacity_factor * group_size * k / num_experts
@@ -173,6 +214,16 @@ def assign_slots(
     probability), ties by token order. Tokens where ``mask`` [G, S] is False
     (padding) claim no slot (their slot is ``capacity``). Works with a
     [G, S, E] count, never a [G, S, E, C] tensor.
+
+    Three tokens choose expert 0, which has two slots:
+
+    >>> experts = jnp.zeros((1, 3, 1), jnp.int32)
+    >>> print(assign_slots(experts, 2, 2)[..., 0])                    # token order
+    [[0 1 2]]
+    >>> print(assign_slots(experts, 2, 2, priority=jnp.array([[0.1, 0.9, 0.5]]))[..., 0])
+    [[2 0 1]]
+    >>> print(assign_slots(experts, 2, 2, mask=jnp.array([[False, True, True]]))[..., 0])
+    [[2 0 1]]
     """
     G, S, K = experts.shape
     if priority is None:
@@ -211,6 +262,18 @@ def token_choice(
     ``capacity=None``: no slot limit, no choice dropped (then ``slots`` still
     number each expert's tokens, and ``capacity`` is S * K). ``mask`` [G, S]:
     False for padding, which takes no slot and gets weight 0.
+
+    The module docstring's worked example (K = 2, C = 2; t2 loses both choices):
+
+    >>> probs = jnp.array([[[0, .6, .4, 0], [.3, .7, 0, 0], [0, .5, .5, 0], [0, 0, .8, .2]]])
+    >>> routing = token_choice(probs, 2, capacity=2, renormalize=False)
+    >>> print(routing.experts[0].tolist(), routing.slots[0].tolist())
+    [[1, 2], [1, 0], [1, 2], [2, 3]] [[0, 1], [1, 0], [2, 2], [0, 0]]
+    >>> print(routing.weights[0])
+    [[0.6 0.4]
+     [0.7 0.3]
+     [0.  0. ]
+     [0.8 0.2]]
     """
     G, S, E = probs.shape
     weights, experts = top_k_choice(probs, k, renormalize=renormalize)
@@ -227,7 +290,14 @@ class Layout(NamedTuple):
     ``rows`` [G, P]: the choice ``s * K + k`` held by each row, ``S * K`` for
     an empty row; ``position`` [G, S, K]: the row of each choice, ``P`` for a
     dropped one; ``group_sizes`` [G, E]: rows per expert, experts in order
-    (contiguous). ``rows`` and ``position`` are inverse maps on the kept choices.
+    (contiguous). ``rows`` and ``position`` are inverse maps on the kept choices:
+
+    >>> layout = sort_by_expert(jnp.array([[[1], [0], [1]]]), 2)
+    >>> print(layout.rows, layout.position[..., 0], layout.group_sizes)
+    [[1 0 2]] [[1 0 2]] [[1 2]]
+    >>> bool(jnp.all(jnp.take_along_axis(layout.position.reshape(1, -1), layout.rows, 1)
+    ...               == jnp.arange(3)))
+    True
     """
 
     rows: jax.Array
@@ -236,7 +306,16 @@ class Layout(NamedTuple):
 
 
 def capacity_layout(routing: Routing, num_experts: int) -> Layout:
-    """The ``[G, E * C]`` buffer of a capacity: choice (s, k) at row ``e * C + slot``."""
+    """The ``[G, E * C]`` buffer of a capacity: choice (s, k) at row ``e * C + slot``.
+
+    Two experts with one slot each; the third token (expert 0 again) is dropped:
+
+    >>> routing = token_choice(jnp.array([[[.9, .1], [.2, .8], [.7, .3]]]), 1, capacity=1,
+    ...                        renormalize=False)
+    >>> layout = capacity_layout(routing, 2)
+    >>> print(layout.position[..., 0], layout.rows, layout.group_sizes)
+    [[0 1 2]] [[0 1]] [[1 1]]
+    """
     G, S, K = routing.experts.shape
     C = routing.capacity
     kept = routing.slots < C
@@ -248,7 +327,14 @@ def capacity_layout(routing: Routing, num_experts: int) -> Layout:
 
 def sorted_rows(num_choices: int, num_experts: int, block: int = 1) -> int:
     """Static row count of :func:`sort_by_expert`'s buffer: the most that
-    ``sum_e ceil(n_e / b) * b`` can be when ``sum_e n_e = num_choices``."""
+    ``sum_e ceil(n_e / b) * b`` can be when ``sum_e n_e = num_choices``.
+
+    Eight choices over four experts in blocks of 4: the worst case is
+    n = (5, 1, 1, 1), padded to 8 + 4 + 4 + 4 rows.
+
+    >>> sorted_rows(8, 4), sorted_rows(8, 4, block=4)
+    (8, 20)
+    """
     if block == 1:
         return num_choices
     return block * ((num_choices + num_experts * (block - 1)) // block)
@@ -263,6 +349,16 @@ def sort_by_expert(experts: jax.Array, num_experts: int, *, block: int = 1) -> L
     (``block`` b; 1: no padding, the layout of ``jax.lax.ragged_dot``).
     Padded groups start at ``sum_{e' < e} ceil(n_e' / b) * b``; the buffer has
     :func:`sorted_rows` rows, the unused tail empty. No choice is dropped.
+
+    The module docstring's example, dropless (choice ``s * K + k``):
+
+    >>> experts = jnp.array([[[1, 2], [1, 0], [1, 2], [2, 3]]])
+    >>> layout = sort_by_expert(experts, 4)
+    >>> print(layout.rows, layout.group_sizes)
+    [[3 0 2 4 1 5 6 7]] [[1 3 3 1]]
+    >>> layout = sort_by_expert(experts, 4, block=2)       # empty rows hold 8 = S * K
+    >>> print(layout.rows, layout.group_sizes)
+    [[3 8 0 2 4 8 1 5 6 8 7 8]] [[2 4 4 2]]
     """
     G, S, K = experts.shape
     if block < 1:
@@ -301,6 +397,10 @@ def permute(x: jax.Array, layout: Layout) -> jax.Array:
 
     Gradient: ``dx[g, s] = sum_k dout[g, position[g, s, k]]``, a gather (no
     scatter-add) since each kept choice has exactly one row.
+
+    >>> layout = sort_by_expert(jnp.array([[[1], [0], [1]]]), 2)   # rows: t1, t0, t2
+    >>> print(permute(jnp.array([[[10.0], [20.0], [30.0]]]), layout)[..., 0])
+    [[20. 10. 30.]]
     """
     K = layout.position.shape[-1]
     return _take(x, layout.rows // K)
@@ -328,6 +428,11 @@ def unsort(out: jax.Array, weights: jax.Array, layout: Layout) -> jax.Array:
     Gradients, all gathers: ``dout[g, r] = w[c] * dy[g, c // K]`` with
     ``c = rows[g, r]`` (0 for empty rows), and
     ``dweights[g, s, k] = <dy[g, s], out[g, position[g, s, k]]>``.
+
+    >>> layout = sort_by_expert(jnp.array([[[1], [0], [1]]]), 2)   # rows: t1, t0, t2
+    >>> out = jnp.array([[[20.0], [10.0], [30.0]]])
+    >>> print(unsort(out, jnp.array([[[1.0], [0.5], [2.0]]]), layout)[..., 0])
+    [[10. 10. 60.]]
     """
     return _unsort(out, weights, layout)[0]
 
@@ -356,21 +461,41 @@ unsort.defvjp(_unsort_fwd, _unsort_bwd)
 
 
 def dispatch(x: jax.Array, routing: Routing, num_experts: int) -> jax.Array:
-    """Expert inputs ``[G, E, C, D]`` gathered from tokens ``x`` [G, S, D] (empty slots 0)."""
+    """Expert inputs ``[G, E, C, D]`` gathered from tokens ``x`` [G, S, D] (empty slots 0):
+    ``inputs[g, e, c] = x[g, s]`` for the choice (s, k) with expert e and slot c.
+
+    >>> routing = token_choice(jnp.array([[[.9, .1], [.2, .8], [.7, .3]]]), 1, capacity=2,
+    ...                        renormalize=False)
+    >>> print(dispatch(jnp.array([[[1.0], [2.0], [3.0]]]), routing, 2)[0, ..., 0])
+    [[1. 3.]
+     [2. 0.]]
+    """
     G, S, D = x.shape
     inputs = permute(x, capacity_layout(routing, num_experts))
     return inputs.reshape(G, num_experts, routing.capacity, D)
 
 
 def combine(expert_out: jax.Array, routing: Routing) -> jax.Array:
-    """Token outputs [G, S, D]: sum over K of weight x the expert's output at its slot."""
+    """Token outputs [G, S, D]: sum over K of weight x the expert's output at its slot,
+    ``y[g, s] = sum_k weights[g, s, k] * expert_out[g, e_k, slot_k]`` (0 when dropped).
+
+    With identity experts, y = x * (sum of the kept weights), as in the module
+    docstring's example (t2 dropped):
+
+    >>> probs = jnp.array([[[0, .6, .4, 0], [.3, .7, 0, 0], [0, .5, .5, 0], [0, 0, .8, .2]]])
+    >>> routing = token_choice(probs, 2, capacity=2, renormalize=False)
+    >>> x = jnp.array([[[1.0], [2.0], [3.0], [4.0]]])
+    >>> print(combine(dispatch(x, routing, 4), routing)[0, :, 0])
+    [1. 2. 0. 4.]
+    """
     G, E, C, D = expert_out.shape
     layout = capacity_layout(routing, E)
     return unsort(expert_out.reshape(G, E * C, D), routing.weights, layout)
 
 
 class ExpertChoice(NamedTuple):
-    """Expert-choice routing: ``tokens`` [G, E, C] each expert's tokens, ``weights`` [G, E, C]."""
+    """Expert-choice routing: ``tokens`` [G, E, C] each expert's tokens, ``weights`` [G, E, C]
+    their router probabilities (made by :func:`expert_choice`, which has an example)."""
 
     tokens: jax.Array
     weights: jax.Array
@@ -379,7 +504,14 @@ class ExpertChoice(NamedTuple):
 def expert_choice(probs: jax.Array, capacity: int) -> ExpertChoice:
     """Each expert takes the ``capacity`` tokens of its group with the highest router
     probability (``probs`` [G, S, E], softmax over experts per token). Not for
-    causal decoding: a token's experts depend on the later tokens of its group."""
+    causal decoding: a token's experts depend on the later tokens of its group.
+    Zhou et al. 2022, arXiv:2202.09368.
+
+    >>> probs = jnp.array([[[.9, .1], [.6, .4], [.2, .8]]])
+    >>> choice = expert_choice(probs, 1)           # expert 0 takes t0, expert 1 takes t2
+    >>> print(choice.tokens[..., 0], choice.weights[..., 0])
+    [[0 2]] [[0.9 0.8]]
+    """
     S = probs.shape[1]
     if not 1 <= capacity <= S:
         raise ConfigError(
@@ -392,14 +524,29 @@ def expert_choice(probs: jax.Array, capacity: int) -> ExpertChoice:
 
 
 def expert_choice_dispatch(x: jax.Array, choice: ExpertChoice) -> jax.Array:
-    """Expert inputs [G, E, C, D]."""
+    """Expert inputs [G, E, C, D]: ``inputs[g, e, c] = x[g, tokens[g, e, c]]``.
+
+    >>> choice = expert_choice(jnp.array([[[.9, .1], [.6, .4], [.2, .8]]]), 2)
+    >>> print(expert_choice_dispatch(jnp.array([[[1.0], [2.0], [3.0]]]), choice)[0, ..., 0])
+    [[1. 2.]
+     [3. 2.]]
+    """
     G, E, C = choice.tokens.shape
     picked = jnp.take_along_axis(x, choice.tokens.reshape(G, -1)[..., None], axis=1)
     return picked.reshape(G, E, C, x.shape[-1])
 
 
 def expert_choice_combine(expert_out: jax.Array, choice: ExpertChoice, group_size: int):
-    """Token outputs [G, S, D]: each token sums its experts' weighted outputs."""
+    """Token outputs [G, S, D]: each token sums its experts' weighted outputs,
+    ``y[g, s] = sum_{(e, c): tokens[g, e, c] = s} weights[g, e, c] * expert_out[g, e, c]``.
+
+    With identity experts, t1 gets 0.6 + 0.4 = 1 of itself, t0 0.9 and t2 0.8:
+
+    >>> choice = expert_choice(jnp.array([[[.9, .1], [.6, .4], [.2, .8]]]), 2)
+    >>> x = jnp.array([[[1.0], [2.0], [3.0]]])
+    >>> print(expert_choice_combine(expert_choice_dispatch(x, choice), choice, 3)[0, :, 0])
+    [0.9 2.  2.4]
+    """
     G, E, C, D = expert_out.shape
     weighted = expert_out * choice.weights[..., None].astype(expert_out.dtype)
     out = jnp.zeros((G, group_size, D), expert_out.dtype)
@@ -428,6 +575,13 @@ def load_balancing_loss(
     True (as HF's ``attention_mask``), groups with no token left out. Equals
     HF's Switch ``load_balancing_loss_func`` for K = 1 and Mixtral's for
     G = 1. Minimal (1 for K = 1) when balanced.
+
+    >>> half = jnp.full((1, 2, 2), 0.5)                  # f = P = (1/2, 1/2): 2 * 1/2
+    >>> print(load_balancing_loss(half, jnp.array([[[0], [1]]])))
+    1.0
+    >>> all_e0 = jnp.array([[[1.0, 0.0], [1.0, 0.0]]])   # f = P = (1, 0): 2 * 1
+    >>> print(load_balancing_loss(all_e0, jnp.array([[[0], [0]]])))
+    2.0
     """
     E = probs.shape[-1]
     if mask is None:
@@ -443,8 +597,12 @@ def load_balancing_loss(
 
 
 def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """ST-MoE's z-loss (Zoph et al. 2022): mean over tokens of logsumexp(logits)^2
-    (``logits`` [G, S, E]; tokens where ``mask`` [G, S] is True)."""
+    """ST-MoE's z-loss (Zoph et al. 2022, arXiv:2202.08906): mean over tokens of
+    logsumexp(logits)^2 (``logits`` [G, S, E]; tokens where ``mask`` [G, S] is True).
+
+    >>> print(router_z_loss(jnp.zeros((1, 2, 4))))        # log(4)^2
+    1.922
+    """
     z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     return _token_mean(jnp.square(z), mask)
 
@@ -454,7 +612,15 @@ def router_stats(
 ) -> dict[str, jax.Array]:
     """For logging: ``load`` [E] share of choices per expert (before capacity),
     ``dropped`` fraction of choices over capacity, ``entropy``: :func:`router_entropy`;
-    over the tokens where ``mask`` [G, S] is True."""
+    over the tokens where ``mask`` [G, S] is True.
+
+    The module docstring's example: choices per expert 1, 3, 3, 1 of 8; 2 dropped:
+
+    >>> probs = jnp.array([[[0, .6, .4, 0], [.3, .7, 0, 0], [0, .5, .5, 0], [0, 0, .8, .2]]])
+    >>> stats = router_stats(probs, token_choice(probs, 2, capacity=2, renormalize=False))
+    >>> print(stats["load"], stats["dropped"])
+    [0.125 0.375 0.375 0.125] 0.25
+    """
     E = probs.shape[-1]
     K = routing.experts.shape[-1]
     hits = jnp.sum(jax.nn.one_hot(routing.experts, E, dtype=jnp.float32), axis=2) / K
@@ -469,7 +635,13 @@ def router_stats(
 
 def expert_choice_stats(probs: jax.Array, choice: ExpertChoice) -> dict[str, jax.Array]:
     """:func:`router_stats` for expert choice: ``load`` is 1/E per expert by
-    construction, ``dropped`` the fraction of tokens no expert took."""
+    construction, ``dropped`` the fraction of tokens no expert took.
+
+    >>> probs = jnp.array([[[.9, .1], [.6, .4], [.2, .8]]])
+    >>> stats = expert_choice_stats(probs, expert_choice(probs, 1))   # t1 left out
+    >>> print(stats["load"], stats["dropped"])
+    [0.5 0.5] 0.3333
+    """
     G, S, E = probs.shape
     taken = jnp.zeros((G, S), jnp.int32).at[jnp.arange(G)[:, None], choice.tokens.reshape(G, -1)]
     taken = taken.add(1)
@@ -479,6 +651,11 @@ def expert_choice_stats(probs: jax.Array, choice: ExpertChoice) -> dict[str, jax
 
 def router_entropy(probs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean over tokens (where ``mask`` [G, S] is True) of the router distribution's
-    entropy (nats)."""
+    entropy, ``-sum_e p_e log p_e`` (nats).
+
+    >>> probs = jnp.array([[[.25, .25, .25, .25], [1.0, 0, 0, 0]]])
+    >>> print(router_entropy(probs), router_entropy(probs, jnp.array([[True, False]])))
+    0.6931 1.3863
+    """
     p = probs.astype(jnp.float32)
     return _token_mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1), mask)
