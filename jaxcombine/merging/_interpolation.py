@@ -183,8 +183,23 @@ def slerp(base, model, *, t: Setting, num_layers: int | None = None):
 
     Each tensor is flattened; with cos theta the cosine between the two,
     slerp = sin((1-t) theta)/sin theta * base + sin(t theta)/sin theta * model, and
-    linear interpolation where |cos theta| > 0.9995 (mergekit's ``slerp``).
+    linear interpolation where |cos theta| > 0.9995 (mergekit's ``slerp``;
+    Shoemake 1985, "Animating rotation with quaternion curves").
     ``t`` may be a layer gradient such as ``[0, 0.5, 1]`` or a list of filter rules.
+
+    Two orthogonal unit vectors at t = 1/2 give a unit vector (lerp would give
+    norm 0.71), and ``t=[0, 1]`` runs from the base in layer 0 to the model in
+    the last layer:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base, model = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}
+    >>> print(merging.slerp(base, model, t=0.5)["w"])          # [cos 45, sin 45]
+    [0.7071 0.7071]
+    >>> base3 = {"layers": [base] * 3}
+    >>> merged = merging.slerp(base3, {"layers": [model] * 3}, t=[0.0, 1.0])
+    >>> print(*[layer["w"] for layer in merged["layers"]])     # t = 0, 1/2, 1
+    [1. 0.] [0.7071 0.7071] [0. 1.]
     """
     return _call("slerp", [model], base, num_layers=num_layers, t=t)
 
@@ -202,7 +217,15 @@ def nuslerp(
 
     ``nuslerp_flatten`` (default) treats each tensor as one vector; otherwise
     rows are interpolated separately (along the first axis with
-    ``nuslerp_row_wise``). mergekit's ``nuslerp``.
+    ``nuslerp_row_wise``). mergekit's ``nuslerp``; the formula is
+    :func:`slerp`'s, sin((1-t) theta)/sin theta x_0 + sin(t theta)/sin theta x_1.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> a, b = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}
+    >>> merged = merging.nuslerp([a, b], weights=[1.0, 3.0])   # t = 3/4
+    >>> print(merged["w"].round(4))                           # [cos 67.5, sin 67.5]
+    [0.3827 0.9239]
     """
     return _call(
         "nuslerp",
@@ -228,7 +251,17 @@ def multislerp(
 
     Directions are averaged in the tangent space at their weighted mean and
     mapped back; the norm is the weighted mean of the norms. With a base the
-    task vectors are interpolated and the base added back.
+    task vectors are interpolated and the base added back. Up to rounding::
+
+        merged = (sum_i w_i x_i / |x_i|) / |sum_i w_i x_i / |x_i|| * sum_i w_i |x_i|
+
+    (weights normalised to sum 1; https://goddard.blog/posts/multislerp-wow-what-a-cool-idea).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> a, b = {"w": jnp.array([2.0, 0.0])}, {"w": jnp.array([0.0, 4.0])}
+    >>> print(merging.multislerp([a, b], weights=[1.0, 1.0])["w"])   # 3 [cos 45, sin 45]
+    [2.1213 2.1213]
     """
     return _call(
         "multislerp",
@@ -245,7 +278,19 @@ def karcher(models: Sequence[Any], *, max_iter: int = 10, tol: float = 1e-5):
     """The Karcher (Riemannian) mean of the models' directions, scaled by their mean norm.
 
     arXiv:2603.04972 (mergekit's ``karcher``): uniform weights, fixed-point
-    iteration on the unit sphere for at most ``max_iter`` steps.
+    iteration on the unit sphere for at most ``max_iter`` steps, towards
+    argmin_m sum_i arccos(<m, u_i>)^2 over unit m, u_i = x_i / |x_i|; the result
+    is m * sum_i |x_i| / N.
+
+    Directions at 0, 0 and 90 degrees: the Karcher mean lies at their mean
+    angle, 30 degrees, where the normalised Euclidean mean (``multislerp``)
+    lies at atan(1/2) = 26.6 degrees:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> x, y = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}
+    >>> print(merging.karcher([x, x, y])["w"])                 # [cos 30, sin 30]
+    [0.8660 0.5   ]
     """
     return _call("karcher", models, max_iter=max_iter, tol=tol)
 
@@ -256,6 +301,17 @@ def model_stock(base, models: Sequence[Any], *, filter_wise: bool = False):
     With k fine-tunes whose task vectors have mean pairwise cosine cos theta,
     t = k cos theta / (1 + (k - 1) cos theta) and merged = t * mean_i theta_i +
     (1 - t) theta_0, per tensor (or per row with ``filter_wise``).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.array([1.0, 1.0])}
+    >>> fts = [{"w": jnp.array([3.0, 1.0])}, {"w": jnp.array([2.0, 2.0])}]  # tau at 45 degrees
+    >>> c = 2**-0.5
+    >>> t = 2 * c / (1 + c)                                   # 0.828
+    >>> print(merging.model_stock(base, fts)["w"])           # 1 + t ([2.5, 1.5] - 1)
+    [2.2426 1.4142]
+    >>> print(round(1 + 1.5 * t, 4), round(1 + 0.5 * t, 4))
+    2.2426 1.4142
     """
     return _call("model_stock", models, base, filter_wise=filter_wise)
 
@@ -263,7 +319,15 @@ def model_stock(base, models: Sequence[Any], *, filter_wise: bool = False):
 def nearswap(base, model, *, t: Setting, num_layers: int | None = None):
     """NearSwap: take ``model``'s value where it is within ~t of the base's.
 
-    w = clip(t / |base - model|, 0, 1); merged = w * model + (1 - w) * base.
+    w = clip(t / |base - model|, 0, 1); merged = w * model + (1 - w) * base
+    (per entry; mergekit's ``nearswap``). Entries within t of the base take
+    the model's value, the others move t towards it:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base, model = {"w": jnp.zeros(3)}, {"w": jnp.array([0.05, 0.5, 2.0])}
+    >>> print(merging.nearswap(base, model, t=0.1)["w"])
+    [0.05 0.1  0.1 ]
     """
     return _call("nearswap", [model], base, num_layers=num_layers, t=t)
 
@@ -272,14 +336,33 @@ def arcee_fusion(base, model):
     """Arcee Fusion: keep ``model``'s change only where its importance is an outlier.
 
     importance = |model - base| * KL(softmax(model) || softmax(base)) per row; a
-    change is kept where importance >= median + 1.5 IQR (exact quantiles).
+    change is kept where importance >= median + 1.5 IQR (exact quantiles;
+    mergekit's ``arcee_fusion``).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(8)}
+    >>> model = {"w": jnp.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 5.0])}
+    >>> print(merging.arcee_fusion(base, model)["w"])   # cut: (0.4 + 1.5 (0.6 - 0.2)) KL
+    [0. 0. 0. 0. 0. 0. 0. 5.]
     """
     return _call("arcee_fusion", [model], base)
 
 
 def ram(base, models: Sequence[Any], *, epsilon: float = 1e-5):
     """Reinforced Agent Merging (arXiv:2601.13572): entries changed by one model are kept
-    whole; entries changed (|tau| > epsilon) by several are averaged over those models."""
+    whole; entries changed (|tau| > epsilon) by several are averaged over those models.
+
+    merged = theta_0 + sum_i [|tau_i| > eps] tau_i / max(c, 1), c the number of
+    models that changed the entry.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(3)}
+    >>> a, b = {"w": jnp.array([1.0, 2.0, 0.0])}, {"w": jnp.array([3.0, 0.0, 0.0])}
+    >>> print(merging.ram(base, [a, b])["w"])                 # (1 + 3) / 2, 2 alone, none
+    [2. 2. 0.]
+    """
     return _call("ram", models, base, epsilon=epsilon)
 
 
@@ -287,12 +370,35 @@ def ramplus_tl(
     base, models: Sequence[Any], *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
 ):
     """RAM+ (tensor-local, arXiv:2601.13572): RAM with unique entries scaled up by
-    1 + r * clip(shared / unique, 0, alpha) per model."""
+    1 + r * clip(shared / unique, 0, alpha) per model.
+
+    ``shared`` and ``unique`` count the model's changed entries in the tensor
+    that other models changed too, and that only it changed.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(3)}
+    >>> a, b = {"w": jnp.array([1.0, 2.0, 0.0])}, {"w": jnp.array([3.0, 0.0, 0.0])}
+    >>> print(merging.ramplus_tl(base, [a, b])["w"])          # a's unique 2 x (1 + 0.1 * 0.2)
+    [2.   2.04 0.  ]
+    """
     return _call("ramplus_tl", models, base, r=r, alpha=alpha, epsilon=epsilon)
 
 
 def passthrough(model, *, scale: Setting = None, num_layers: int | None = None):
-    """A copy of one model, each tensor optionally multiplied by ``scale`` (a setting)."""
+    """A copy of one model, each tensor optionally multiplied by ``scale`` (a setting).
+
+    mergekit's ``passthrough``, the method of frankenmerges (layers stacked from
+    several models with ``slices``, see :mod:`jaxcombine.merging.mergekit`).
+    A rule that matches no tensor leaves it unscaled:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> model = {"mlp": jnp.array([1.0, 2.0]), "norm": jnp.array([1.0, 1.0])}
+    >>> out = merging.passthrough(model, scale=[{"filter": "mlp", "value": 0.5}])
+    >>> print(out["mlp"], out["norm"])
+    [0.5 1. ] [1. 1.]
+    """
     return _call("passthrough", [model], num_layers=num_layers, per={"scale": [scale]})
 
 
@@ -301,6 +407,17 @@ def sce(base, models: Sequence[Any], *, select_topk: Setting = 1.0):
 
     Keep the ``select_topk`` fraction of entries with the largest variance across
     task vectors, weight each task vector by its mean squared entry, erase
-    entries that disagree with the elected sign, and average.
+    entries that disagree with the elected sign, and average::
+
+        merged = theta_0 + sum_i w_i m_i tau_i / sum_i w_i m_i,
+        w_i = mean(tau_i^2) / sum_k mean(tau_k^2),  m_i = [sign(tau_i) = sign(sum_k tau_k)]
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(3)}
+    >>> a = {"w": jnp.array([1.0, 2.0, -1.0])}     # mean square 2
+    >>> b = {"w": jnp.array([3.0, -1.0, -1.0])}    # mean square 11/3; its -1 is erased
+    >>> print(merging.sce(base, [a, b])["w"])      # (6 * 1 + 11 * 3) / 17 = 2.294
+    [ 2.2941  2.     -1.    ]
     """
     return _call("sce", models, base, select_topk=select_topk)
