@@ -21,6 +21,14 @@ DExperts (Liu et al. 2021, arXiv:2105.03023) is ``logits`` with members
 small untuned). Contrastive decoding (Li et al. 2022, arXiv:2210.15097): the
 first member is the expert, the second the amateur, ``alpha`` the
 plausibility cut-off (0.1 in the paper).
+
+>>> import jax.numpy as jnp
+>>> from jaxcombine.ensemble import Combination
+>>> p = jnp.array([[[0.5, 0.5]], [[0.9, 0.1]]])          # N = 2 members, B = 1, V = 2
+>>> jnp.exp(Combination("linear")(jnp.log(p))).round(4).tolist()      # (p_1 + p_2) / 2
+[[0.7, 0.3]]
+>>> jnp.exp(Combination("loglinear")(jnp.log(p))).round(4).tolist()   # sqrt(p_1 p_2), renormalised
+[[0.75, 0.25]]
 """
 
 from __future__ import annotations
@@ -42,7 +50,22 @@ class Combination:
     """A rule and its constants; hashable, so it can be a static jit argument.
 
     ``weights``: one per member (default: uniform). ``alpha``: contrastive
-    decoding's plausibility cut-off.
+    decoding's plausibility cut-off. Calling it on member logits [N, B, V]
+    applies the rule (module docstring); weights passed to the call, [N] or
+    [N, B], replace the constant ones.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[[0.5, 0.5]], [[0.9, 0.1]]]))   # [N=2, B=1, V=2]
+    >>> rule = Combination("linear", weights=(3.0, 1.0))            # normalised: 3/4, 1/4
+    >>> jnp.exp(rule(logits)).round(4).tolist()                     # 0.75 * 0.5 + 0.25 * 0.9
+    [[0.6, 0.4]]
+    >>> jnp.exp(rule(logits, jnp.array([0.0, 1.0]))).round(4).tolist()   # the second member
+    [[0.9, 0.1]]
+    >>> Combination("linear", weights=(1.0, -0.5))
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: --weights: linear interpolation needs non-negative weights with a positive sum, got [1.0, -0.5]
+      How to fix: use log-linear or logit arithmetic (--combine logits) for negative weights
     """
 
     rule: Rule = "linear"
@@ -115,7 +138,18 @@ def _per_row(weights: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def linear(logits: jax.Array, weights: jax.Array) -> jax.Array:
-    """``log sum_i w_i softmax(z_i)`` (weights normalised to sum 1), in log space."""
+    """``log sum_i w_i softmax(z_i)`` (weights normalised to sum 1), in log space.
+
+    A mixture of the members' distributions (linear interpolation, as
+    fairseq's and Marian's ensembles), computed as
+    ``logsumexp_i(log w_i + log_softmax(z_i))`` so that tiny probabilities
+    do not underflow. ``logits`` [N, B, V], ``weights`` [N] or [N, B].
+
+    >>> import jax.numpy as jnp
+    >>> p = jnp.array([[[0.5, 0.5]], [[0.9, 0.1]]])
+    >>> jnp.exp(linear(jnp.log(p), jnp.array([1.0, 1.0]))).round(4).tolist()
+    [[0.7, 0.3]]
+    """
     w = _per_row(weights, logits)
     w = w / jnp.sum(w, axis=0, keepdims=True)
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -123,20 +157,57 @@ def linear(logits: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def loglinear(logits: jax.Array, weights: jax.Array) -> jax.Array:
-    """``log_softmax(sum_i w_i log softmax(z_i))``: a weighted product of experts."""
+    """``log_softmax(sum_i w_i log softmax(z_i))``: a weighted product of experts.
+
+    ``p(v) ∝ prod_i p_i(v)^w_i`` (Hinton 2002, "Training products of experts
+    by minimizing contrastive divergence"); a token that a member of
+    positive weight rules out stays out. Weights are not normalised (their sum acts as an inverse
+    temperature) and may be negative. ``logits`` [N, B, V], ``weights``
+    [N] or [N, B].
+
+    >>> import jax.numpy as jnp
+    >>> p = jnp.array([[[0.5, 0.5]], [[0.9, 0.1]]])
+    >>> # sqrt(0.5 * 0.9) : sqrt(0.5 * 0.1) = 3 : 1
+    >>> jnp.exp(loglinear(jnp.log(p), jnp.array([0.5, 0.5]))).round(4).tolist()
+    [[0.75, 0.25]]
+    """
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jax.nn.log_softmax(jnp.sum(_per_row(weights, logits) * log_p, axis=0), axis=-1)
 
 
 def logit_arithmetic(logits: jax.Array, weights: jax.Array) -> jax.Array:
-    """``log_softmax(sum_i w_i z_i)`` on raw logits; weights of any sign (DExperts)."""
+    """``log_softmax(sum_i w_i z_i)`` on raw logits; weights of any sign (DExperts).
+
+    DExperts (Liu et al. 2021, arXiv:2105.03023): members (base, expert,
+    anti-expert) with weights (1, alpha, -alpha) give
+    ``z_base + alpha (z_expert - z_anti)``; proxy-tuning (Liu et al. 2024,
+    arXiv:2401.08565) the same with (large base, small tuned, small untuned).
+
+    >>> import jax.numpy as jnp
+    >>> z = jnp.array([[[0.0, 0.0]], [[2.0, 0.0]], [[0.0, 2.0]]])   # base, expert, anti
+    >>> out = logit_arithmetic(z, jnp.array([1.0, 0.5, -0.5]))       # z = [1, -1]
+    >>> jnp.exp(out).round(4).tolist()                                # [e, 1/e] / (e + 1/e)
+    [[0.8808, 0.1192]]
+    """
     z = jnp.sum(_per_row(weights, logits) * logits.astype(jnp.float32), axis=0)
     return jax.nn.log_softmax(z, axis=-1)
 
 
 def contrastive(expert: jax.Array, amateur: jax.Array, alpha: float) -> jax.Array:
     """Contrastive decoding's distribution: ``log p_e - log p_a`` renormalised over
-    the plausible tokens ``{v : p_e(v) >= alpha * max p_e}``; ``-inf`` elsewhere."""
+    the plausible tokens ``{v : p_e(v) >= alpha * max p_e}``; ``-inf`` elsewhere.
+
+    Li et al. 2022, arXiv:2210.15097: the expert's preferences minus the
+    amateur's, restricted to tokens the expert finds plausible. ``expert``
+    and ``amateur`` are logits [B, V].
+
+    >>> import jax.numpy as jnp
+    >>> expert = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
+    >>> amateur = jnp.log(jnp.array([[0.5, 0.1, 0.4]]))
+    >>> # cut-off 0.2 * 0.6 = 0.12 drops token 2; 0.6/0.5 : 0.3/0.1 = 1.2 : 3
+    >>> jnp.exp(contrastive(expert, amateur, alpha=0.2)).round(4).tolist()
+    [[0.2857, 0.7143, 0.0]]
+    """
     log_e = jax.nn.log_softmax(expert.astype(jnp.float32), axis=-1)
     log_a = jax.nn.log_softmax(amateur.astype(jnp.float32), axis=-1)
     cutoff = jnp.max(log_e, axis=-1, keepdims=True) + jnp.log(jnp.float32(alpha))
