@@ -57,7 +57,16 @@ _NEG = -1.0e9  # transformers' "impossible" score, added rather than -inf
 
 def check_beams(num_beams, sampling, where: str = "num_beams") -> None:
     """An :class:`InputError` unless ``num_beams`` is a positive integer and, when
-    above 1, decoding is greedy (beam search is deterministic)."""
+    above 1, decoding is greedy (beam search is deterministic).
+
+    >>> from jaxcombine.decoding import Sampling
+    >>> check_beams(4, Sampling())                       # silent: greedy beam search
+    >>> check_beams(4, Sampling(temperature=0.7))
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: num_beams: beams combined with sampling (num_beams=4, temperature=0.7) are not supported
+      How to fix: use num_beams=1 to sample, or greedy settings (temperature 0) for beam search
+    """
     if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
         raise InputError(
             f"num_beams must be a positive integer, got {num_beams!r}",

@@ -72,7 +72,13 @@ MODES = ("step", "rest")
 
 
 class Cascade(NamedTuple):
-    """Tokens per prompt and what each model computed."""
+    """Tokens per prompt and what each model computed.
+
+    >>> out = Cascade(tokens=[[4, 5, 6], [7]], large_steps=[1, 0], large_calls=2,
+    ...               large_positions=20, small_calls=3)
+    >>> out.deferred                      # 1 of 4 emitted tokens decided by the large model
+    0.25
+    """
 
     tokens: list[list[int]]
     large_steps: list[int]  # per row: steps decided by the large model
@@ -431,7 +437,17 @@ def cascade_sweep(
 
 
 def format_sweep(rows: Sequence[dict]) -> str:
-    """The rows of :func:`cascade_sweep` (or any dicts of one set of keys) as a text table."""
+    """The rows of :func:`cascade_sweep` (or any dicts of one set of keys) as a text table.
+
+    Floats get four decimals, columns are right-aligned.
+
+    >>> print(format_sweep([{"threshold": 0.0, "deferred": 0.0, "large_calls": 1},
+    ...                     {"threshold": 0.5, "deferred": 0.25, "large_calls": 3}]))
+    threshold  deferred  large_calls
+    ---------  --------  -----------
+       0.0000    0.0000            1
+       0.5000    0.2500            3
+    """
     if not rows:
         return ""
     keys = list(rows[0])

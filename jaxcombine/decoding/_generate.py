@@ -89,7 +89,13 @@ def decode_loop(
 
 
 def strip_after_eos(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """Tokens up to and including the first EOS."""
+    """Tokens up to and including the first EOS.
+
+    >>> strip_after_eos([5, 7, 2, 0, 0], eos_ids=[2])
+    [5, 7, 2]
+    >>> strip_after_eos([5, 7], eos_ids=[2])
+    [5, 7]
+    """
     out = []
     for token in row:
         out.append(int(token))

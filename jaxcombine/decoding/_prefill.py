@@ -40,12 +40,21 @@ _FORMAT = "jaxcombine.prefix_state/1"
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
-    """The smallest power of two >= max(n, minimum)."""
+    """The smallest power of two >= max(n, minimum).
+
+    >>> bucket_length(3), bucket_length(16), bucket_length(17)
+    (16, 16, 32)
+    """
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
-    """Prompts as left-padded ``tokens`` [B, length] int32 and ``mask`` [B, length] bool."""
+    """Prompts as left-padded ``tokens`` [B, length] int32 and ``mask`` [B, length] bool.
+
+    >>> tokens, mask = left_pad([[5, 6, 7], [8]], 4, pad_id=0)
+    >>> tokens.tolist(), mask.astype(int).tolist()
+    ([[0, 5, 6, 7], [0, 0, 0, 8]], [[0, 1, 1, 1], [0, 0, 0, 1]])
+    """
     tokens = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), bool)
     for row, prompt in enumerate(prompts):
@@ -63,7 +72,15 @@ def prefill(forward, params, tokens, mask, cache):
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int) -> None:
-    """Non-empty prompts of in-vocabulary ids that fit the context (an :class:`InputError`)."""
+    """Non-empty prompts of in-vocabulary ids that fit the context (an :class:`InputError`).
+
+    >>> validate_prompts([[1, 2], [3]], vocab_size=16, context=8)   # silent: fine
+    >>> validate_prompts([[1, 2], [3, 17]], vocab_size=16, context=8)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: prompt 1: token ids [17] are outside the vocabulary [0, 16)
+      How to fix: check the tokenizer matches the model
+    """
     if not prompts:
         raise InputError("no prompts given", where="prompts", fix="pass at least one prompt")
     for i, prompt in enumerate(prompts):

@@ -4,6 +4,13 @@ The filters run in the order transformers applies them: logits / T, then keep
 the k largest, then keep the smallest set of tokens whose probability mass
 reaches p (nucleus sampling, Holtzman et al. 2020, arXiv:1904.09751). The
 most likely token is always kept.
+
+>>> import jax.numpy as jnp
+>>> from jaxcombine.decoding import Sampling, filter_logits
+>>> logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+>>> p = jnp.exp(filter_logits(logits, Sampling(temperature=1.0, top_p=0.75)))
+>>> (p / p.sum()).round(4).tolist()          # 0.5 + 0.3 >= 0.75: two tokens, renormalised
+[[0.625, 0.375, 0.0, 0.0]]
 """
 
 from __future__ import annotations
@@ -20,10 +27,18 @@ from jaxcombine.errors import InputError
 class Sampling:
     """How to pick tokens; ``temperature == 0`` means greedy (argmax).
 
-    Example::
+    Otherwise tokens are drawn from ``softmax(filter_logits(logits))``:
+    temperature, then top-k (0: off), then top-p (1.0: off).
 
-        Sampling()                                   # greedy
-        Sampling(temperature=0.8, top_k=50, top_p=0.95)
+    >>> Sampling().greedy
+    True
+    >>> Sampling(temperature=0.8, top_k=50, top_p=0.95).greedy
+    False
+    >>> Sampling(top_p=0.0)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: top_p: top_p must be in (0, 1], got 0.0
+      How to fix: use 1.0 to disable nucleus filtering
     """
 
     temperature: float = 0.0
@@ -56,7 +71,19 @@ class Sampling:
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-    """Temperature-scaled logits [B, V] with filtered-out tokens at -inf."""
+    """Temperature-scaled logits [B, V] with filtered-out tokens at -inf.
+
+    ``z / T``; then top-k keeps ``z_v >= k-th largest``; then top-p keeps
+    the largest tokens while the probability mass before them is ``< p``
+    (Holtzman et al. 2020, arXiv:1904.09751). Ties at a threshold are kept.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.array([[4.0, 2.0, 0.0, -2.0]])
+    >>> filter_logits(logits, Sampling(temperature=2.0)).tolist()
+    [[2.0, 1.0, 0.0, -1.0]]
+    >>> filter_logits(logits, Sampling(temperature=1.0, top_k=2)).tolist()
+    [[4.0, 2.0, -inf, -inf]]
+    """
     logits = logits.astype(jnp.float32) / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
@@ -72,7 +99,18 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Next tokens [B] from logits [B, V]."""
+    """Next tokens [B] from logits [B, V]: ``argmax_v z_v`` when greedy, else a
+    draw from ``softmax(filter_logits(z))`` with ``key``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> logits = jnp.array([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    >>> sample_tokens(logits, jax.random.key(0), Sampling()).tolist()
+    [1, 0]
+    >>> rows = jnp.tile(logits[:1], (200, 1))            # top-2 keeps tokens 1 and 2
+    >>> drawn = sample_tokens(rows, jax.random.key(0), Sampling(temperature=1.0, top_k=2))
+    >>> sorted(set(drawn.tolist()))
+    [1, 2]
+    """
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampling)).astype(jnp.int32)

@@ -8,6 +8,10 @@ contributes n - 1 predictions (the convention of ``transformers``' loss with
 
     nll = - (1 / #predictions) * sum_windows sum_{t>=1} log p(x_t | x_<t in window)
     ppl = exp(nll)
+
+>>> from jaxcombine.decoding import windows_of
+>>> windows_of(list(range(7)), 3)     # 2 + 2 predictions; the lone token 6 is dropped
+[[0, 1, 2], [3, 4, 5]]
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ from jaxcombine.models import Decoder
 
 
 class Score(NamedTuple):
+    """Summed NLL and the number of predicted tokens; ``nll`` is their ratio and
+    ``ppl = exp(nll)``.
+
+    >>> s = Score(nll_sum=6.0, count=3)
+    >>> s.nll, round(s.ppl, 4)            # exp(2)
+    (2.0, 7.3891)
+    """
+
     nll_sum: float  # summed natural-log NLL
     count: int  # predicted tokens
 
@@ -41,7 +53,11 @@ class Score(NamedTuple):
 
 
 def windows_of(ids: Sequence[int], window: int) -> list[list[int]]:
-    """Consecutive windows of ``window`` tokens; a last window of one token is dropped."""
+    """Consecutive windows of ``window`` tokens; a last window of one token is dropped.
+
+    >>> windows_of([1, 2, 3, 4, 5], 2)
+    [[1, 2], [3, 4]]
+    """
     chunks = [list(ids[i : i + window]) for i in range(0, len(ids), window)]
     return [c for c in chunks if len(c) > 1]
 
@@ -73,7 +89,20 @@ def score_windows(forward, params, windows: list[list[int]], width: int, batch_s
 
 def scoring_windows(config, ids: Sequence[int], window: int | None) -> list[list[int]]:
     """``ids`` cut into windows for :func:`score_windows`, with clear errors for
-    texts too short to score and ids outside ``config``'s vocabulary."""
+    texts too short to score and ids outside ``config``'s vocabulary.
+    ``window`` defaults to the context length (``max_position_embeddings``).
+
+    >>> from jaxcombine.models import DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4, max_position_embeddings=4)
+    >>> scoring_windows(config, [1, 2, 3, 4, 5, 6], None)
+    [[1, 2, 3, 4], [5, 6]]
+    >>> scoring_windows(config, [1], None)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: text: need at least 2 tokens to score, got 1
+      How to fix: score a longer text
+    """
     windows = windows_of(ids, window or config.max_position_embeddings)
     if not windows:
         raise InputError(

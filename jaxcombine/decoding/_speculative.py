@@ -47,7 +47,12 @@ from jaxcombine.models import Decoder
 
 
 class Speculative(NamedTuple):
-    """Tokens per prompt and how the draft fared."""
+    """Tokens per prompt and how the draft fared.
+
+    >>> out = Speculative(tokens=[[4, 5, 6, 7, 8]], target_calls=2, accepted=2)
+    >>> out.tokens_per_call               # (5 - 1) tokens after the first over 2 calls
+    2.0
+    """
 
     tokens: list[list[int]]
     target_calls: int  # target forwards after the prefill
