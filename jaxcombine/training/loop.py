@@ -27,12 +27,40 @@ The step's key is ``fold_in(key(seed), step)``: resumed or not, step t sees
 the same key, the same batch and the same state, so a resumed run ends with
 bitwise the parameters of an uninterrupted one.
 
-Example::
+Least squares by gradient descent on 2 devices, checked against the update
+w <- w - lr * 2 X^T (X w - y) / N written out in numpy; then resumed from
+its checkpoint at step 3 up to step 5:
 
-    params = nnx.state(model, nnx.Param)
-    final = train(loss_fn, params, adamw(3e-3, 1000), batch_at, mesh=mesh,
-                  workdir="runs/lm", job={"kind": "lm", ...}, steps=1000,
-                  global_batch=32)
+>>> import shutil, tempfile, jax, jax.numpy as jnp, numpy as np, optax
+>>> from flax import nnx
+>>> from jaxcombine.training import read_metrics, train
+>>> class Linear(nnx.Module):
+...     def __init__(self):
+...         self.w = nnx.Param(jnp.zeros(2))
+>>> x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]], np.float32)
+>>> y = x @ np.array([1.0, -2.0], np.float32)
+>>> def loss_fn(params, batch, key, constants):
+...     return jnp.mean((batch["x"] @ params["w"][...] - batch["y"]) ** 2), {}
+>>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+>>> workdir = tempfile.mkdtemp()
+>>> run = lambda steps: train(
+...     loss_fn, nnx.state(Linear(), nnx.Param), optax.sgd(0.1), lambda step: {"x": x, "y": y},
+...     mesh=mesh, workdir=workdir, job={"kind": "least squares"}, steps=steps,
+...     global_batch=4, log_every=1, progress=False)
+>>> w = np.zeros(2)
+>>> for _ in range(3):
+...     w -= 0.1 * 2 * x.T @ (x @ w - y) / len(y)
+>>> bool(np.allclose(run(3)["w"][...], w))
+True
+>>> for _ in range(2):
+...     w -= 0.1 * 2 * x.T @ (x @ w - y) / len(y)
+>>> bool(np.allclose(run(5)["w"][...], w))              # resumes at step 3
+True
+>>> [r["step"] for r in read_metrics(workdir)], round(read_metrics(workdir)[0]["loss"], 4)
+([1, 2, 3, 4, 5], 1.5)
+>>> shutil.rmtree(workdir)
+
+(The first loss is mean(y^2) = (1 + 4 + 1 + 0) / 4 = 1.5.)
 """
 
 from __future__ import annotations
@@ -65,18 +93,41 @@ LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, Mapping[str, jax.
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes a global batch is split over: ``data`` and ``expert``
-    (expert parallelism reuses the data devices for tokens, as in GShard)."""
+    (expert parallelism reuses the data devices for tokens, as in GShard,
+    Lepikhin et al. 2020, arXiv:2006.16668).
+
+    >>> from jax.sharding import AbstractMesh
+    >>> batch_axes(AbstractMesh((2, 2, 2), ("data", "expert", "model")))
+    ('data', 'expert')
+    """
     return tuple(a for a in ("data", "expert") if a in mesh.shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over :func:`batch_axes`, everything else replicated."""
+    """Rows over :func:`batch_axes`, everything else replicated.
+
+    >>> import jax, numpy as np
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2),
+    ...                          ("data", "expert", "model"))
+    >>> batch_sharding(mesh).spec                  # a [B, ...] batch: B / 4 rows per device
+    P(('data', 'expert'),)
+    """
     return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def check_global_batch(global_batch: int, mesh: Mesh) -> None:
     """A :class:`ConfigError` unless ``global_batch`` splits evenly over the batch
-    devices of ``mesh`` and over the processes."""
+    devices of ``mesh`` and over the processes.
+
+    >>> from jax.sharding import AbstractMesh
+    >>> check_global_batch(8, AbstractMesh((4, 2), ("data", "model")))    # 2 rows per device
+    >>> check_global_batch(6, AbstractMesh((4, 2), ("data", "model")))
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: train.global_batch: global batch 6 is not divisible by the 4
+    data-parallel devices (mesh {'data': 4, 'model': 2})
+      How to fix: use a global batch that is a positive multiple of 4
+    """
     devices = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
     for count, what in ((devices, "data-parallel devices"), (jax.process_count(), "processes")):
         if global_batch < 1 or global_batch % count:
@@ -89,7 +140,15 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> None:
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    """Host values (equal on every process) onto the mesh: each device gets its shard."""
+    """Host values (equal on every process) onto the mesh: each device gets its shard.
+
+    >>> import jax, numpy as np
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    >>> x = place({"w": np.arange(6.0).reshape(2, 3)}, {"w": NamedSharding(mesh, P("data"))})
+    >>> [shard.data.tolist() for shard in x["w"].addressable_shards]
+    [[[0.0, 1.0, 2.0]], [[3.0, 4.0, 5.0]]]
+    """
 
     def put(x, sharding):
         host = np.asarray(jax.device_get(x))
@@ -99,7 +158,19 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """A NamedSharding per parameter of an ``nnx.State``, from its logical axes."""
+    """A NamedSharding per parameter of an ``nnx.State``, from its logical axes
+    (:func:`jaxcombine.sharding.state_shardings`), in the structure of ``params``.
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from flax import nnx
+    >>> class Up(nnx.Module):
+    ...     def __init__(self):
+    ...         self.w = nnx.Param(jnp.ones((4, 8)), out_sharding=("embed", "mlp"),
+    ...                            eager_sharding=False)
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    >>> param_shardings(nnx.state(Up(), nnx.Param), mesh)["w"].spec
+    P(None, 'model')
+    """
     flat = state_shardings(params, mesh, rules)
     paths = [path for path, _ in nnx.to_flat_state(params)]
     return jax.tree.unflatten(jax.tree.structure(params), [flat[path] for path in paths])
@@ -109,7 +180,23 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
     """``step(state, batch, key, constants) -> (state, metrics)``: gradient of ``loss_fn`` at the
     parameters (cast to ``compute_dtype`` for the forward if given: fp32 master
     weights, bf16 compute), the optimiser update, and metrics (``loss``,
-    ``grad_norm``, the job's own)."""
+    ``grad_norm``, the job's own).
+
+        (loss, aux), g = value_and_grad(loss_fn)(cast(p), batch, key, constants)
+        updates, opt_state = optimizer.update(g, opt_state, p);  p = p + updates
+
+    >>> import jax.numpy as jnp, optax
+    >>> loss_fn = lambda p, batch, key, constants: (jnp.sum((p["w"] - batch) ** 2), {})
+    >>> opt = optax.sgd(0.25)
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> state = {"step": 0, "params": params, "opt_state": opt.init(params)}
+    >>> step = make_train_step(loss_fn, opt)
+    >>> state, metrics = step(state, jnp.array([0.0, 4.0]), None, None)
+    >>> state["step"], state["params"]["w"].tolist()     # w - 0.25 * 2 (w - batch)
+    (1, [0.5, 3.0])
+    >>> float(metrics["loss"]), float(metrics["grad_norm"])   # 1 + 4, |(2, -4)|
+    (5.0, 4.4721)
+    """
 
     def compute_loss(params, batch, key, constants):
         if compute_dtype is not None:
@@ -152,7 +239,12 @@ def train(
     progress: bool = True,
 ) -> Any:
     """Train ``params`` for ``steps`` steps (resuming from ``workdir``); returns the
-    final parameters (see the module docstring)."""
+    final parameters (see the module docstring for the steps and a run that
+    resumes).
+
+    ``batch_at(step)`` returns this process's ``global_batch // process_count``
+    rows; ``tokens_per_row`` only scales the tokens/s shown and logged.
+    """
     check_global_batch(global_batch, mesh)
     if log_every < 1 or checkpoint_every < 1:
         raise ConfigError(
@@ -262,7 +354,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """The records of ``WORKDIR/metrics.jsonl``, in order."""
+    """The records of ``WORKDIR/metrics.jsonl``, in order: ``{"step", "loss",
+    "grad_norm", ..., "tokens_per_s"}`` (see the module example); ``[]`` if none.
+
+    >>> read_metrics("no/such/workdir")
+    []
+    """
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
