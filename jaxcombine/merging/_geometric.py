@@ -187,6 +187,14 @@ def slerp_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
     The tensors are flattened to one vector each. ``t`` is mergekit's
     interpolation factor (any real number; it may also be a traced scalar).
     Collinear and antipodal pairs (|cos θ| > 0.9995) are interpolated linearly.
+    The formula is in the module docstring (Shoemake 1985).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import slerp_leaf
+    >>> print(jax.jit(slerp_leaf)(jnp.array([1.0, 0.0]), jnp.array([[0.0, 1.0]]), t=1 / 3))
+    [0.8660 0.5   ]
+
+    (sin(60°) / sin(90°) · a + sin(30°) / sin(90°) · b = [cos 30°, sin 30°].)
     """
     base, models = _arrays(base, models)
     _check_inputs(
@@ -267,6 +275,15 @@ def nuslerp_leaf(
     float32 resolution, so it fires only when cos θ rounds to exactly ±1; an
     antiparallel row that misses it divides by sin θ ~ 3e-4 and comes out very
     large, in mergekit as here (which rows miss it depends on rounding).
+
+    Task vectors [1, 0] and [0, 1] around the base [1, 1], t = 1/2:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import nuslerp_leaf
+    >>> merge = jax.jit(nuslerp_leaf, static_argnames="weight")   # weights are static
+    >>> base = jnp.array([1.0, 1.0])
+    >>> print(merge(base, jnp.array([[2.0, 1.0], [1.0, 2.0]]), weight=(1.0, 1.0)))
+    [1.7071 1.7071]
     """
     base, models = _arrays(base, models)
     _check_inputs(
@@ -311,6 +328,16 @@ def multislerp_leaf(
     the linear combination sum_i w_i x_i for two models and raises for more.
     This function returns that linear combination (plus the base) for any N,
     finite and without an error, so it can run under ``jax.jit``.
+
+    Weights (2, 1, 1) on directions [1, 0], [0, 1], [0, 1] give the 45° direction
+    with the weighted mean norm 1:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import multislerp_leaf
+    >>> merge = jax.jit(multislerp_leaf, static_argnames="weight")
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    >>> print(merge(None, x, weight=(2.0, 1.0, 1.0)))
+    [0.7071 0.7071]
     """
     base, models = _arrays(base, models)
     _check_inputs(
@@ -381,6 +408,13 @@ def karcher_leaf(
     cases give mergekit's numbers: inputs with norm <= tol are left out of the
     direction (but count in the scale); if all are, the result is zero; a single
     input is returned unchanged.
+
+    Directions at 0°, 0° and 90°: the Karcher mean is at their mean angle, 30°:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import karcher_leaf
+    >>> print(jax.jit(karcher_leaf)(None, jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])))
+    [0.8660 0.5   ]
     """
     del base
     models = jnp.asarray(models)

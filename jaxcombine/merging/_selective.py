@@ -77,7 +77,23 @@ def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = 
 
     ``filter_wise``: one ratio t per row (slice along the last axis; a vector
     is one row) instead of one for the whole tensor. Where the denominator
-    1 + (N - 1) cos θ vanishes the base is kept, as in mergekit.
+    1 + (N - 1) cos θ vanishes the base is kept, as in mergekit. The formula is
+    in the module docstring (Jang et al. 2024, arXiv:2403.19522).
+
+    Row 0's task vectors are orthogonal (t = 0: the base), row 1's parallel
+    (t = 1: their mean); over the whole tensor cos θ = 2/3 and t = 0.8:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import model_stock_leaf
+    >>> merge = jax.jit(model_stock_leaf, static_argnames="filter_wise")
+    >>> base = jnp.zeros((2, 2))
+    >>> models = jnp.array([[[1.0, 0.0], [1.0, 1.0]], [[0.0, 1.0], [1.0, 1.0]]])
+    >>> print(merge(base, models, filter_wise=True))
+    [[0. 0.]
+     [1. 1.]]
+    >>> print(merge(base, models))
+    [[0.4 0.4]
+     [0.8 0.8]]
     """
     base, models = _arrays(base, models)
     _check_inputs(
@@ -112,7 +128,15 @@ def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = 
 
 
 def nearswap_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
-    """NearSwap of ``models`` [1, ...] into ``base``: w = clip(t / |theta_1 - theta_0|, 0, 1)."""
+    """NearSwap of ``models`` [1, ...] into ``base``: w = clip(t / |theta_1 - theta_0|, 0, 1).
+
+    merged = w theta_1 + (1 - w) theta_0, per entry.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import nearswap_leaf
+    >>> print(jax.jit(nearswap_leaf)(jnp.zeros(3), jnp.array([[0.05, 0.5, 2.0]]), t=0.1))
+    [0.05 0.1  0.1 ]
+    """
     base, models = _arrays(base, models)
     _check_inputs(
         "nearswap",
@@ -149,6 +173,15 @@ def arcee_fusion_leaf(base: jax.Array, models: jax.Array) -> jax.Array:
     same numbers), and for larger tensors a random sample of 1,000,000 drawn
     with replacement, so its threshold there is random and differs slightly.
     Returns float32 for 16-bit inputs, like mergekit (its mask is float32).
+
+    With one row the KL factor is common to all entries, so the outlying
+    change 5 (above median + 1.5 IQR of |tau|) alone is kept:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import arcee_fusion_leaf
+    >>> model = jnp.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 5.0]])
+    >>> print(jax.jit(arcee_fusion_leaf)(jnp.zeros(8), model))
+    [0. 0. 0. 0. 0. 0. 0. 5.]
     """
     base, models = _arrays(base, models)
     _check_inputs(
@@ -190,7 +223,15 @@ def _ram_vectors(base, models, epsilon, work):
 
 def ram_leaf(base: jax.Array, models: jax.Array, *, epsilon: float = 1e-5) -> jax.Array:
     """RAM: entries changed (|tau_i| > ``epsilon``) by one model take its change, shared
-    entries the mean of the changes. No models: the base."""
+    entries the mean of the changes. No models: the base.
+
+    A change of 1e-6 is below ``epsilon`` and counts as none:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import ram_leaf
+    >>> print(jax.jit(ram_leaf)(jnp.zeros(2), jnp.array([[1e-6, 2.0], [0.0, 4.0]])))
+    [0. 3.]
+    """
     base, models = _arrays(base, models)
     _check_inputs("ram", base, models, base_required=True)
     epsilon = _shared_number("ram", "epsilon", epsilon)
@@ -217,6 +258,15 @@ def ramplus_tl_leaf(
 
     lambda is computed in float32 as in mergekit (also for float64 inputs), and
     the result is float32 for 16-bit inputs (mergekit promotes by lambda).
+
+    Model 0 changes one shared and one unique entry: lambda_0 = 1 + 0.1 *
+    clip(1 / 1, 0, 0.2) = 1.02 scales its unique 2:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import ramplus_tl_leaf
+    >>> models = jnp.array([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    >>> print(jax.jit(ramplus_tl_leaf)(jnp.zeros(3), models))
+    [2.   2.04 0.  ]
     """
     base, models = _arrays(base, models)
     _check_inputs("ramplus_tl", base, models, base_required=True)
@@ -243,6 +293,11 @@ def passthrough_leaf(base: jax.Array | None, models: jax.Array, *, scale=None) -
 
     The input is ``models[0]`` of ``models`` [1, ...]; mergekit ignores the base
     model, so ``base`` is only used when ``models`` is empty.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import passthrough_leaf
+    >>> print(passthrough_leaf(None, jnp.array([[1.0, 2.0]]), scale=(2.0,)))
+    [2. 4.]
     """
     where = "merge_method passthrough"
     base, models = _arrays(base, models)
@@ -303,7 +358,19 @@ def sce_leaf(
 
     ``select_topk`` < 1 keeps that fraction of the entries with non-zero
     variance across the task vectors (the largest variances), <= 0 none.
-    ``int8_mask`` only saves memory in mergekit; accepted and ignored.
+    ``int8_mask`` only saves memory in mergekit; accepted and ignored. The
+    formula is in the module docstring (Wan et al. 2024, arXiv:2408.07990).
+
+    Entries 1 and 2 vary across the task vectors (variances 1 and 2.25);
+    ``select_topk=0.5`` keeps entry 2 alone, where the elected sign is - and
+    model 1's -2 is the only agreeing change:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import sce_leaf
+    >>> merge = jax.jit(sce_leaf, static_argnames="select_topk")
+    >>> models = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 3.0, -2.0, 0.0]])
+    >>> print(merge(jnp.zeros(4), models, select_topk=0.5))
+    [ 0.  0. -2.  0.]
     """
     del int8_mask
     base, models = _arrays(base, models)

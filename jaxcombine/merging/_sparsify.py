@@ -46,7 +46,16 @@ RESCALE_MODES = ("l1", "density", "probability")
 
 
 def magnitude_mask(delta: jax.Array, density: float) -> jax.Array:
-    """1 on the max(1, int(density * n)) entries of largest |delta|, else 0 (mergekit)."""
+    """1 on the max(1, int(density * n)) entries of largest |delta|, else 0 (mergekit).
+
+    TIES's trim (Yadav et al. 2023, arXiv:2306.01708); ties at the cut go to
+    the lower index.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import magnitude_mask
+    >>> print(magnitude_mask(jnp.array([3.0, -1.0, 2.0, 0.5]), 0.5))
+    [1. 0. 1. 0.]
+    """
     if density >= 1:
         return jnp.ones_like(delta)
     if density <= 0 or delta.size == 0:
@@ -61,6 +70,12 @@ def magnitude_outliers_mask(delta: jax.Array, density: float, gamma: float = 0.0
     Sorting |delta| ascending, the kept entries are ranks
     ``[n_bot, n_bot + int(density n))`` with ``n_bot = max(0, n - int(density n) - int(gamma n))``:
     when density + gamma > 1 fewer outliers are dropped so the density is kept.
+    (Davari & Belilovsky 2023, arXiv:2312.06795.)
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import magnitude_outliers_mask
+    >>> print(magnitude_outliers_mask(jnp.arange(1.0, 11.0), 0.5, gamma=0.1))
+    [0. 0. 0. 0. 1. 1. 1. 1. 1. 0.]
     """
     if density >= 1:
         return jnp.ones_like(delta)
@@ -79,7 +94,15 @@ def della_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax
     """DELLA's keep probability per entry: density - epsilon + 2 epsilon * rank in [0, 1].
 
     Ranks of |delta| are taken along axis 1 (a 1-D tensor is one row), as
-    mergekit does; a row of one entry gets rank 0.
+    mergekit does; a row of one entry gets rank 0. The rank is normalised to
+    [0, 1] by the row length minus one (Deep et al. 2024, arXiv:2406.11617).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import della_probabilities
+    >>> delta = jnp.array([[1.0, 3.0, 2.0], [6.0, 5.0, 4.0]])
+    >>> print(jax.jit(della_probabilities)(delta, 0.5, 0.1))
+    [[0.4 0.6 0.5]
+     [0.6 0.5 0.4]]
     """
     x = delta[None] if delta.ndim < 2 else delta
     # Rows along axis 1: move it last and flatten the rest into [R, L].
@@ -100,7 +123,15 @@ def della_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax
 
 
 def rescale_l1(delta: jax.Array, masked: jax.Array, eps: float = 1e-7) -> jax.Array:
-    """``masked`` scaled to the L1 norm of ``delta`` (unchanged if either norm < eps)."""
+    """``masked`` scaled to the L1 norm of ``delta`` (unchanged if either norm < eps).
+
+    masked * sum|delta| / sum|masked|, mergekit's rescaling for DARE and DELLA.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import rescale_l1
+    >>> print(rescale_l1(jnp.array([1.0, -2.0, 3.0, -4.0]), jnp.array([0.0, -2.0, 0.0, -4.0])))
+    [ 0.     -3.3333  0.     -6.6667]
+    """
     before = jnp.abs(delta).sum()
     after = jnp.abs(masked).sum()
     ok = (before >= eps) & (after >= eps)
@@ -136,9 +167,17 @@ def sparsify(
 ) -> jax.Array:
     """Sparsify one task-vector tensor with ``method`` and optionally rescale it.
 
-    Example::
+    Returns rescale(mask * delta); the masks and rescalings are in the module
+    docstring. Random methods (``random``, ``della_magprune``) need ``key``.
 
-        pruned = sparsify(tau, 0.2, "random", key=jax.random.key(0), rescale="l1")
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine.merging import sparsify
+    >>> tau = jnp.array([1.0, 2.0, -3.0, 4.0])
+    >>> print(sparsify(tau, 0.5, "magnitude", rescale="l1"))   # [0, 0, -3, 4] * 10 / 7
+    [ 0.      0.     -4.2857  5.7143]
+    >>> pruned = sparsify(tau, 0.5, "random", key=jax.random.key(0), rescale="density")
+    >>> print(bool(jnp.all((pruned == 0) | (pruned == 2 * tau))))
+    True
     """
     if method not in SPARSIFY_METHODS:
         raise ConfigError(

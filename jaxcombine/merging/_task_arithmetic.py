@@ -51,6 +51,17 @@ def sign_consensus(deltas: jax.Array, method: str = "sum") -> jax.Array:
 
     ``sum``: the sign of the summed (weighted) deltas, TIES's election by mass;
     ``count``: the majority of signs. Ties elect +. A zero entry never agrees.
+    (TIES, Yadav et al. 2023, arXiv:2306.01708.)
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import sign_consensus
+    >>> deltas = jnp.array([[1.0, -2.0, 0.0], [-3.0, 1.0, 2.0]])   # sums -2, -1, 2
+    >>> print(sign_consensus(deltas))
+    [[0. 1. 0.]
+     [1. 0. 1.]]
+    >>> print(sign_consensus(deltas, "count"))                    # sign counts 0, 0, 1
+    [[1. 0. 0.]
+     [0. 1. 1.]]
     """
     return jnp.stack(_agreement(unstack(deltas), method))
 
@@ -95,7 +106,17 @@ def task_arithmetic_leaf(
     ``disjoint``: "weighted" (mergekit: divide by the summed weights of the
     agreeing models) or "mean" (TIES paper: weights steer the sign election, the
     agreeing trimmed vectors are averaged unweighted). ``int8_mask`` only saves
-    memory in mergekit and changes no number; it is accepted and ignored.
+    memory in mergekit and changes no number; it is accepted and ignored. The
+    formula and the named methods' choices are in the module docstring.
+
+    TIES on one tensor, the example of :func:`~jaxcombine.merging.ties`:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import task_arithmetic_leaf
+    >>> models = jnp.array([[4.0, -1.0, 2.0, 0.5], [-2.5, 3.0, 2.0, 1.0]])
+    >>> print(task_arithmetic_leaf(jnp.zeros(4), models, weight=(1.0, 1.0), density=(0.5, 0.5),
+    ...                            sparsify="magnitude", consensus="sum", normalize=True))
+    [4. 3. 2. 0.]
     """
     del int8_mask
     n = models.shape[0]
@@ -143,6 +164,11 @@ def linear_leaf(base, models: jax.Array, *, weight, normalize: bool = True) -> j
     """sum_i w_i theta_i [/ sum_i w_i] for stacked ``models`` [N, ...] (Wortsman et al. 2022).
 
     ``base`` is unused (mergekit's linear ignores the base model).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import linear_leaf
+    >>> print(linear_leaf(None, jnp.array([[1.0, 2.0], [3.0, 6.0]]), weight=(1.0, 3.0)))
+    [2.5 5. ]
     """
     del base
     work = work_dtype(models.dtype)
