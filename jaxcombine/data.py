@@ -17,28 +17,32 @@ own contiguous slice of the global batch.
 Every host reads and tokenises the whole corpus (``datasets`` caches the result
 on disk); only the batch rows are per host.
 
-Example::
+A corpus of two files, a word-level tokenizer built in code, rows of 3 + 1
+tokens, and the batch of step 0 on a 2-device ``data`` mesh:
 
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    from jaxcombine.data import PackedDataset, global_batch_array
-    from jaxcombine.hf import load_tokenizer
-
-    tokenizer = load_tokenizer("models/llama")
-    data = PackedDataset.from_files(
-        "corpus/", tokenizer, seq_len=1024, eos_id=tokenizer.token_to_id("</s>")
-    )
-    mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "model"))
-    sharding = NamedSharding(mesh, P("data"))
-    for step in range(start_step, num_steps):
-        local = data.batch(
-            step, 64, seed=0,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )                                               # [64 // processes, 1025]
-        rows = global_batch_array(local, sharding)      # [64, 1025] over the mesh
-        inputs, targets = rows[:, :-1], rows[:, 1:]
+>>> import shutil, tempfile, jax, numpy as np
+>>> from pathlib import Path
+>>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+>>> from tokenizers import Tokenizer, models, pre_tokenizers
+>>> from jaxcombine.data import PackedDataset, global_batch_array
+>>> corpus = Path(tempfile.mkdtemp())
+>>> _ = (corpus / "a.txt").write_text("the cat sat\\nthe dog sat\\n")   # one document per line
+>>> _ = (corpus / "b.txt").write_text("a cat\\n")
+>>> vocab = {"<eos>": 0, "the": 1, "cat": 2, "sat": 3, "dog": 4, "a": 5}
+>>> tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+>>> tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+>>> data = PackedDataset.from_files(corpus, tokenizer, seq_len=3, eos_id=0)
+>>> data.rows.tolist()              # 1 2 3 0 | 1 4 3 0 | 5 2 0 (tail dropped)
+[[1, 2, 3, 0], [1, 4, 3, 0]]
+>>> mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+>>> local = data.batch(0, 2, seed=0, process_index=jax.process_index(),
+...                    process_count=jax.process_count())          # [2 // processes, 4]
+>>> rows = global_batch_array(local, NamedSharding(mesh, P("data")))   # [2, 4] over the mesh
+>>> order = np.random.default_rng([0, 0]).permutation(2)              # epoch 0 of seed 0
+>>> bool(np.array_equal(rows, data.rows[order])), rows.sharding.spec
+(True, P('data',))
+>>> inputs, targets = rows[:, :-1], rows[:, 1:]
+>>> shutil.rmtree(corpus)
 """
 
 from __future__ import annotations
@@ -131,6 +135,22 @@ def data_files(paths: PathLike | Sequence[PathLike]) -> tuple[str, list[str]]:
     Each path is a file or a directory (all data files inside it). All files
     must use one builder (``.json`` and ``.jsonl`` mix; ``.txt`` and ``.parquet``
     do not).
+
+    >>> import shutil, tempfile
+    >>> from pathlib import Path
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for name in ("b.jsonl", "a.json", ".hidden/c.json", "notes.md"):
+    ...     (root / name).parent.mkdir(exist_ok=True)
+    ...     _ = (root / name).write_text("")
+    >>> builder, files = data_files(root)          # hidden and unknown files skipped
+    >>> builder, [Path(f).name for f in files]
+    ('json', ['a.json', 'b.jsonl'])
+    >>> data_files([root / "a.json", root / "notes.md"])
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: .../notes.md: unknown data file extension '.md'
+      How to fix: use one of the supported extensions: .txt, .json, .jsonl, .parquet, .arrow, .csv
+    >>> shutil.rmtree(root)
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
@@ -194,10 +214,20 @@ def load_texts(
     always have ``text``). Missing files, unknown extensions, mixed formats and
     a missing or non-string column raise :class:`~jaxcombine.errors.InputError`.
 
-    Example::
-
-        texts = load_texts(["a.jsonl", "b.jsonl"], text_column="content")
-        texts["text"][0]
+    >>> import json, shutil, tempfile
+    >>> from pathlib import Path
+    >>> root = Path(tempfile.mkdtemp())
+    >>> rows = [{"content": "first doc", "id": 1}, {"content": "second doc", "id": 2}]
+    >>> _ = (root / "a.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    >>> texts = load_texts(root / "a.jsonl", text_column="content")
+    >>> texts.column_names, list(texts["text"])
+    (['text'], ['first doc', 'second doc'])
+    >>> load_texts(root / "a.jsonl", text_column="id")
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: .../a.jsonl: column 'id' holds Value('int64'), not text
+      How to fix: pass text_column= naming the column that holds the documents
+    >>> shutil.rmtree(root)
     """
     dataset, where = _load_dataset(paths)
     if text_column not in dataset.column_names:
@@ -253,6 +283,15 @@ def tokenize(
     are ``tokenizer.encode(text).ids``, with exactly the special tokens the
     tokenizer's post-processor adds (none otherwise). ``num_proc`` processes
     share the work; ``datasets`` caches the result next to the data's cache.
+
+    >>> import datasets
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    >>> tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> texts = datasets.Dataset.from_dict({"text": ["a b a", "", "b c"]})
+    >>> ids = [row.tolist() for row in tokenize(texts, tokenizer)]
+    >>> ids, ids == [tokenizer.encode(text).ids for text in texts["text"]]
+    ([[1, 2, 1], [], [2, 0]], True)
     """
     tokenizer = _check_tokenizer(tokenizer)
 
@@ -293,10 +332,10 @@ def pack(sequences, seq_len: int, *, eos_id: int | None) -> np.ndarray:
     incomplete tail is dropped. Documents cross row boundaries (GPT packing).
     Train on ``row[:-1]`` -> ``row[1:]``.
 
-    Example::
-
-        pack([[1, 2, 3], [4, 5]], seq_len=3, eos_id=0)
-        # tokens 1 2 3 0 4 5 0 -> [[1, 2, 3, 0]]  (tail 4 5 0 dropped)
+    >>> pack([[1, 2, 3], [4, 5]], seq_len=3, eos_id=0).tolist()   # 1 2 3 0 | 4 5 0 dropped
+    [[1, 2, 3, 0]]
+    >>> pack([[1, 2, 3], [], [4, 5, 6, 7, 8]], seq_len=2, eos_id=None).tolist()
+    [[1, 2, 3], [4, 5, 6]]
     """
     seq_len = _check_positive("seq_len", seq_len)
     width = seq_len + 1
@@ -332,6 +371,13 @@ def epoch_order(num_rows: int, seed: int, epoch: int, *, bootstrap: bool = False
     A permutation from ``np.random.default_rng([seed, epoch])``, or with
     ``bootstrap=True`` ``num_rows`` draws with replacement (bagging, Breiman
     1996) from a separate stream ``default_rng([seed, epoch, _BOOTSTRAP_STREAM])``.
+
+    >>> import numpy as np
+    >>> order = epoch_order(5, seed=0, epoch=1)
+    >>> bool(np.array_equal(order, np.random.default_rng([0, 1]).permutation(5)))
+    True
+    >>> sorted(order.tolist()), len(epoch_order(5, 0, 1, bootstrap=True))  # bagging: repeats
+    ([0, 1, 2, 3, 4], 5)
     """
     if bootstrap:
         order = np.random.default_rng([seed, epoch, _BOOTSTRAP_STREAM]).integers(
@@ -347,7 +393,14 @@ def sample_indices(
     num_rows: int, start: int, count: int, seed: int, *, bootstrap: bool = False
 ) -> np.ndarray:
     """Row indices at positions ``[start, start + count)`` of the epoch orders laid
-    end to end: position ``i`` holds ``epoch_order(N, seed, i // N)[i % N]``, N = ``num_rows``."""
+    end to end: position ``i`` holds ``epoch_order(N, seed, i // N)[i % N]``, N = ``num_rows``.
+
+    >>> import numpy as np
+    >>> got = sample_indices(5, start=3, count=4, seed=0)         # crosses into epoch 1
+    >>> want = [epoch_order(5, 0, i // 5)[i % 5] for i in range(3, 7)]
+    >>> got.tolist() == [int(i) for i in want]
+    True
+    """
     stop = start + count
     parts = []
     for epoch in range(start // num_rows, (stop - 1) // num_rows + 1):
@@ -368,7 +421,16 @@ def _check_non_negative(name: str, value) -> int:
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
-    """``global_batch // process_count``, checking that it divides exactly."""
+    """``global_batch // process_count``, checking that it divides exactly.
+
+    >>> local_batch_size(64, 4)
+    16
+    >>> local_batch_size(6, 4)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: global_batch: global_batch 6 is not divisible by process_count 4
+      How to fix: use a multiple of 4 for global_batch
+    """
     global_batch = _check_positive("global_batch", global_batch)
     process_count = _check_positive("process_count", process_count)
     if global_batch % process_count:
@@ -396,6 +458,14 @@ def local_batch_indices(
     of the epoch orders laid end to end (:func:`sample_indices`); process ``p``
     gets the contiguous slice ``[p * local, (p + 1) * local)`` of it,
     ``local = global_batch // process_count``.
+
+    The processes' slices laid side by side are the global batch:
+
+    >>> import numpy as np
+    >>> parts = [local_batch_indices(5, 1, 4, 0, process_index=p, process_count=2)
+    ...          for p in (0, 1)]
+    >>> bool(np.array_equal(np.concatenate(parts), sample_indices(5, 1 * 4, 4, 0)))
+    True
     """
     local = local_batch_size(global_batch, process_count)
     step = _check_non_negative("step", step)
@@ -453,6 +523,14 @@ class PackedDataset(_SeededBatches):
 
     Build one with :meth:`from_files` (or from ``pack(...)`` output), then ask
     for the rows of any step with :meth:`batch`.
+
+    >>> import numpy as np
+    >>> data = PackedDataset(pack([list(range(1, 21))], seq_len=3, eos_id=None))   # 5 rows
+    >>> data.num_rows, data.seq_len
+    (5, 3)
+    >>> batch = data.batch(2, 2, seed=0)           # positions 4, 5: epochs 0 and 1
+    >>> bool(np.array_equal(batch, data.rows[sample_indices(5, 4, 2, 0)]))
+    True
     """
 
     rows: np.ndarray  # [N, L+1]
@@ -521,10 +599,17 @@ class TableDataset(_SeededBatches):
     """Examples for a classifier: ``features`` [N, F] (float32) and ``labels`` [N] (int32),
     batched in the same seeded order as :class:`PackedDataset`.
 
-    Example::
+    From files: ``TableDataset.from_files("points.csv", features=["x0", "x1"],
+    label="label")``.
 
-        data = TableDataset.from_files("points.csv", features=["x0", "x1"], label="label")
-        batch = data.batch(step, 64, seed=0)          # {"x": [64, 2], "y": [64]}
+    >>> import numpy as np
+    >>> data = TableDataset(np.arange(8.0).reshape(4, 2), np.array([0, 1, 1, 0]))
+    >>> batch = data.batch(0, 2, seed=0)            # {"x": [2, 2], "y": [2]}
+    >>> rows = np.random.default_rng([0, 0]).permutation(4)[:2]
+    >>> bool(np.array_equal(batch["x"], data.features[rows]))
+    True
+    >>> batch["y"].tolist() == data.labels[rows].tolist()
+    True
     """
 
     features: np.ndarray  # [N, F] float32
@@ -574,6 +659,15 @@ class TableDataset(_SeededBatches):
         numeric columns (concatenated in that order); ``label`` the column of
         integer classes. A missing column or a non-numeric one is an
         :class:`~jaxcombine.errors.InputError` naming it.
+
+        >>> import shutil, tempfile
+        >>> from pathlib import Path
+        >>> root = Path(tempfile.mkdtemp())
+        >>> _ = (root / "points.csv").write_text("x0,x1,label\\n0.5,1.0,1\\n-2.0,0.0,0\\n")
+        >>> data = TableDataset.from_files(root, features=["x1", "x0"], label="label")
+        >>> data.features.tolist(), data.labels.tolist()          # columns in the order named
+        ([[1.0, 0.5], [0.0, -2.0]], [1, 0])
+        >>> shutil.rmtree(root)
         """
         dataset, where = _load_dataset(paths)
         names = [features] if isinstance(features, str) else list(features)
@@ -619,6 +713,15 @@ def global_batch_array(local_rows: np.ndarray, sharding: NamedSharding) -> jax.A
     axis, e.g. ``NamedSharding(mesh, P("data"))``; each process passes only its
     own rows (from :meth:`PackedDataset.batch`), which land on its addressable
     devices, in process order. Uses ``jax.make_array_from_process_local_data``.
+
+    In one process, the local rows are the whole batch:
+
+    >>> import jax, numpy as np
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    >>> rows = global_batch_array(np.arange(8).reshape(4, 2), NamedSharding(mesh, P("data")))
+    >>> rows.shape, [shard.data.tolist() for shard in rows.addressable_shards][:2]
+    ((4, 2), [[[0, 1]], [[2, 3]]])
     """
     return jax.make_array_from_process_local_data(sharding, np.asarray(local_rows))
 
