@@ -37,7 +37,25 @@ from jaxcombine.models import Decoder, DecoderConfig, init_cache
 
 @dataclasses.dataclass(frozen=True)
 class DecoderForward:
-    """``forward(params, tokens, mask, cache, last_only)`` of one split :class:`Decoder`."""
+    """``forward(params, tokens, mask, cache, last_only)`` of one split :class:`Decoder`.
+
+    ``nnx.merge(graphdef, params)(tokens, token_mask=mask, cache=cache)``:
+    a pure function of the parameters, hashable (a static ``jax.jit``
+    argument), so the decoder is split once and only arrays cross ``jit``.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> graphdef, params = nnx.split(model)
+    >>> forward = DecoderForward(graphdef)
+    >>> tokens = jnp.array([[1, 2, 3]])
+    >>> logits, cache = forward(params, tokens, jnp.ones((1, 3), bool), None)
+    >>> logits.shape, bool(jnp.allclose(logits, model(tokens).logits))
+    ((1, 3, 16), True)
+    """
 
     graphdef: Any
 
@@ -75,7 +93,16 @@ class DecoderForward:
 
 
 def take_cache_rows(cache, rows):
-    """Rows ``rows`` of a :class:`~jaxcombine.models.KVCache` (``next_index`` is shared)."""
+    """Rows ``rows`` of a :class:`~jaxcombine.models.KVCache` (``next_index`` is shared).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.models import DecoderConfig, init_cache
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> cache = init_cache(config, batch=2, max_length=4)._replace(next_position=jnp.array([3, 5]))
+    >>> take_cache_rows(cache, jnp.array([1, 1, 0])).next_position.tolist()
+    [5, 5, 3]
+    """
     return cache._replace(
         keys=tuple(k[rows] for k in cache.keys),
         values=tuple(v[rows] for v in cache.values),
@@ -85,7 +112,16 @@ def take_cache_rows(cache, rows):
 
 
 def pad_cache_slots(cache, extra: int):
-    """A :class:`~jaxcombine.models.KVCache` with ``extra`` invalid slots appended."""
+    """A :class:`~jaxcombine.models.KVCache` with ``extra`` invalid slots appended.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.models import DecoderConfig, init_cache
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> cache = pad_cache_slots(init_cache(config, batch=2, max_length=4), 3)
+    >>> cache.keys[0].shape, cache.key_valid.shape          # keys [B, K, S, D]
+    ((2, 1, 7, 4), (2, 7))
+    """
 
     def pad(x, axis):
         return jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
@@ -101,7 +137,19 @@ def keep_cache_slots(cache, keep):
     """Keep, per row, a prefix of the last ``T`` slots written; ``keep`` [B, T] bool
     is True on that prefix (at least the first slot). The rest become invalid
     keys, each row's next RoPE position counts only kept tokens, and the next
-    write starts after the longest kept prefix (slots past it are free)."""
+    write starts after the longest kept prefix (slots past it are free).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.models import DecoderConfig, init_cache
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> cache = init_cache(config, batch=2, max_length=5)._replace(   # 3 tokens just written
+    ...     key_valid=jnp.array([[1, 1, 1, 0, 0]] * 2, bool),
+    ...     next_index=jnp.int32(3), next_position=jnp.array([3, 3]))
+    >>> kept = keep_cache_slots(cache, jnp.array([[True, False, False], [True, True, False]]))
+    >>> kept.key_valid.astype(int).tolist(), kept.next_position.tolist(), int(kept.next_index)
+    ([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], [1, 2], 2)
+    """
     T = keep.shape[1]
     start = cache.next_index - T
     written = jax.lax.dynamic_slice_in_dim(cache.key_valid, start, T, axis=1)
@@ -116,7 +164,24 @@ def keep_cache_slots(cache, keep):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Decodable:
-    """A forward, its parameters, its config and its cache dtype."""
+    """A forward, its parameters, its config and its cache dtype.
+
+    What the decoding functions take as "a model": :meth:`of` wraps a
+    :class:`Decoder`; :func:`jaxcombine.ensemble.stacked` and
+    :func:`jaxcombine.ensemble.ensemble` build one for several models.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> d = Decodable.of(model)
+    >>> type(d.forward).__name__, Decodable.of(d) is d
+    ('DecoderForward', True)
+    >>> d.init_cache(batch=2, length=8).key_valid.shape
+    (2, 8)
+    """
 
     forward: Any
     params: Any

@@ -55,7 +55,28 @@ def decode_loop(
     """Generate up to ``max_new_tokens`` tokens [B, N] after a prefill.
 
     A row stops after it emits a token in ``eos_ids`` (later slots hold
-    ``pad_id``); the loop stops when every row has stopped.
+    ``pad_id``); the loop stops when every row has stopped. Token ``t + 1``
+    is ``sample_tokens(logits_t)``, ``logits_0 = first_logits`` and
+    ``logits_t`` the forward of token ``t`` on the cache (one step each).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import Decodable, Sampling, left_pad, prefill
+    >>> d = Decodable.of(model)
+    >>> tokens, mask = left_pad([[1, 2, 3]], 16, pad_id=0)
+    >>> logits, cache = prefill(d.forward, d.params, tokens, mask, d.init_cache(1, 16 + 5))
+    >>> def run(eos):
+    ...     return decode_loop(d.forward, d.params, logits, cache, jax.random.key(0),
+    ...                        jnp.array([eos]), jnp.int32(0), max_new_tokens=5,
+    ...                        sampling=Sampling())[0].tolist()
+    >>> run(-1)                                         # -1: no EOS
+    [5, 5, 9, 1, 5]
+    >>> run(9)                                          # 9 as EOS: pad (0) after it
+    [5, 5, 9, 0, 0]
     """
     batch = first_logits.shape[0]
 
@@ -138,10 +159,21 @@ def generate(
     continues the prefix, whose state is reused rather than recomputed; a
     prompt may then be empty.
 
-    Example::
+    Greedy decoding emits ``y_t = argmax_v p(v | prompt, y_<t)``, so every
+    new token is the argmax of one uncached forward pass over the result:
 
-        model = jaxcombine.hf.load_model("tiny-llama")
-        generate(model, [[1, 15, 27], [1, 9]], max_new_tokens=8)
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> new = generate(model, [[1, 2, 3]], max_new_tokens=5)[0]
+    >>> len(new)
+    5
+    >>> logits = model(jnp.array([[1, 2, 3] + new])).logits[0]    # [8, V], no cache
+    >>> new == logits[2:-1].argmax(-1).tolist()
+    True
     """
     check_beams(num_beams, sampling)
     model = Decodable.of(model)

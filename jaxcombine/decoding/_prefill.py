@@ -66,7 +66,25 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
 
 @partial(jax.jit, static_argnames=("forward",))
 def prefill(forward, params, tokens, mask, cache):
-    """Run the prompt through ``forward``; logits of the last position [B, V] and the cache."""
+    """Run the prompt through ``forward``; logits of the last position [B, V] and the cache.
+
+    ``tokens`` and ``mask`` [B, T] as :func:`left_pad` makes them; the cache
+    (``forward.init_cache``) must have at least T free slots.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import Decodable
+    >>> d = Decodable.of(model)
+    >>> tokens, mask = left_pad([[1, 2, 3]], 16, pad_id=0)
+    >>> last, cache = prefill(d.forward, d.params, tokens, mask, d.init_cache(1, 16 + 5))
+    >>> ref = model(jnp.array([[1, 2, 3]])).logits[:, -1]   # no padding, no cache
+    >>> bool(jnp.allclose(last, ref, atol=1e-5)), int(cache.next_index)
+    (True, 16)
+    """
     logits, cache = forward(params, tokens, mask, cache, last_only=True)
     return logits[:, -1], cache
 
@@ -117,7 +135,11 @@ def prefill_prompts(model: Decodable, prompts, pad_id: int, slots: int):
 @dataclasses.dataclass(frozen=True, eq=False)
 class PrefixState:
     """The model's state after ``tokens``: a one-row cache of ``len(tokens)`` slots
-    and the next-token logits [1, V]; ``fingerprint`` names the model that made it."""
+    and the next-token logits [1, V]; ``fingerprint`` names the model that made it.
+
+    Made by :func:`prefill_prefix` (or :func:`load_prefix`), used by
+    ``generate(..., prefix=state)``; see :func:`start_from_prefix`.
+    """
 
     tokens: tuple[int, ...]
     cache: Any
@@ -129,11 +151,22 @@ def prefill_prefix(model, tokens: Sequence[int]) -> PrefixState:
     """Run ``tokens`` through ``model`` (a :class:`~jaxcombine.models.Decoder` or a
     :class:`Decodable`, e.g. an ensemble) once; the state later requests start from.
 
-    Example::
+    Requests then continue the prefix without recomputing it: greedy output
+    equals decoding ``prefix + prompt`` from scratch (module docstring).
 
-        system = prefill_prefix(model, tokenizer.encode(SYSTEM_PROMPT).ids)
-        generate(model, [tokenizer.encode(q, add_special_tokens=False).ids for q in questions],
-                 prefix=system)
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import generate
+    >>> system = prefill_prefix(model, [1, 2, 3])       # once
+    >>> system.logits.shape, system.cache.key_valid.shape
+    ((1, 16), (1, 3))
+    >>> reused = generate(model, [[4, 5], [6]], max_new_tokens=4, prefix=system)
+    >>> reused == generate(model, [[1, 2, 3, 4, 5], [1, 2, 3, 6]], max_new_tokens=4)
+    True
     """
     model = Decodable.of(model)
     tokens = tuple(int(t) for t in tokens)
@@ -174,7 +207,28 @@ def check_prefix(model: Decodable, prefix: PrefixState, prompts, max_new_tokens:
 
 def start_from_prefix(model: Decodable, prefix: PrefixState, prompts, pad_id: int, slots: int):
     """First logits [B, V] and cache (``slots`` free slots per row after the
-    prompts) for ``prefix + prompt`` in every row; a prompt may be empty."""
+    prompts) for ``prefix + prompt`` in every row; a prompt may be empty.
+
+    The prefix's cache is copied to every row, the prompts are left-padded
+    to a bucket after it and prefilled; padding slots are never valid keys,
+    so the logits are those of ``prefix + prompt``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import Decodable
+    >>> d = Decodable.of(model)
+    >>> state = prefill_prefix(d, [1, 2, 3])
+    >>> logits, cache = start_from_prefix(d, state, [[4, 5], []], pad_id=0, slots=4)
+    >>> ref = model(jnp.array([[1, 2, 3, 4, 5]])).logits[0, -1]   # from scratch
+    >>> bool(jnp.allclose(logits[0], ref, atol=1e-5))
+    True
+    >>> bool(jnp.array_equal(logits[1], state.logits[0]))         # empty prompt: the prefix's
+    True
+    """
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
     if len({len(p) for p in prompts}) > 1:  # padding between prefix and prompt
@@ -195,7 +249,28 @@ def start_from_prefix(model: Decodable, prefix: PrefixState, prompts, pad_id: in
 
 
 def save_prefix(prefix: PrefixState, path) -> Path:
-    """Write ``prefix`` to the directory ``path`` (Orbax, atomic); returns the path."""
+    """Write ``prefix`` to the directory ``path`` (Orbax, atomic); returns the path.
+
+    The directory holds ``meta/`` (format, tokens, model fingerprint) and
+    ``state/`` (cache and logits); an existing ``path`` is an error.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> import tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> state = prefill_prefix(model, [1, 2, 3])
+    >>> path = save_prefix(state, pathlib.Path(tmp.name) / "system")
+    >>> (path / "meta").is_dir(), (path / "state").is_dir()
+    (True, True)
+    >>> loaded = load_prefix(path, model)
+    >>> loaded.tokens, bool(jnp.array_equal(loaded.logits, state.logits))
+    ((1, 2, 3), True)
+    >>> tmp.cleanup()
+    """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -217,7 +292,29 @@ def save_prefix(prefix: PrefixState, path) -> Path:
 
 def load_prefix(path, model) -> PrefixState:
     """The prefix state saved at ``path``, checked against ``model`` (a Decoder or
-    :class:`Decodable`) before its arrays are read."""
+    :class:`Decodable`) before its arrays are read.
+
+    A model with other parameters (or another ensemble rule) is refused,
+    by the fingerprint (:meth:`Decodable.fingerprint`):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> import tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save_prefix(prefill_prefix(model, [1, 2, 3]), pathlib.Path(tmp.name) / "system")
+    >>> load_prefix(path, model).tokens
+    (1, 2, 3)
+    >>> load_prefix(path, Decoder(config, rngs=nnx.Rngs(1)))
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: ...: the prefix state was made by a different model (or ensemble, or rule)
+      How to fix: load it with the model that saved it, or prefill the prefix again
+    >>> tmp.cleanup()
+    """
     import orbax.checkpoint as ocp
 
     model = Decodable.of(model)
