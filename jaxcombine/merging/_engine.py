@@ -55,6 +55,12 @@ class Param:
     ``traced``: the leaf receives the value as an array rather than a static
     Python value, so tensors that differ only in this value (a weight given as
     a layer gradient) share one compiled function.
+
+    >>> from jaxcombine import merging
+    >>> [p.name for p in merging.SPECS["ties"].params]
+    ['weight', 'density', 'normalize', 'rescale', 'lambda', 'int8_mask']
+    >>> merging.Param("lambda", default=1.0, arg="lambda_").keyword
+    'lambda_'
     """
 
     name: str
@@ -81,6 +87,19 @@ class MergeMethod:
     inputs (and the parameters), so a tensor may be merged in flat chunks of
     any size (``jaxcombine merge`` streams such methods in fixed-size chunks:
     one compiled function for every tensor).
+
+    A new method is a leaf function and its parameters; :func:`merge` then
+    gives it mergekit-style settings. Here theta_0 + t (mean_i theta_i - theta_0):
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine.merging import MergeMethod, Param, merge
+    >>> def towards_mean(base, models, *, t):      # base [...], models [N, ...]
+    ...     return base + t * (models.mean(axis=0) - base)
+    >>> method = MergeMethod("towards_mean", towards_mean, (Param("t", default=0.5),),
+    ...                      base="required")
+    >>> fts = [{"w": jnp.array([2.0])}, {"w": jnp.array([4.0])}]
+    >>> print(merge(method, fts, base={"w": jnp.array([0.0])})["w"])   # 0 + 0.5 (3 - 0)
+    [1.5]
     """
 
     name: str
@@ -350,7 +369,23 @@ def merge(
     ``model_parameters[i]`` holds model i's settings, ``parameters`` the global
     ones, both mergekit-style (scalar, layer gradient or ``{filter, value}``
     rules). ``num_layers`` sets the layer count for gradients (default: one
-    more than the largest layer index in the paths).
+    more than the largest layer index in the paths). Random methods need
+    ``key``; ``check_finite`` refuses NaN/Inf inputs by name. The per-method
+    math is in each method's function (``merging.ties`` and so on); settings
+    follow mergekit (Goddard et al. 2024, arXiv:2403.13257).
+
+    A weight that is a layer gradient (0 to 1 over three layers) for the
+    attention and 0.5 elsewhere:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"layers": [{"attn": jnp.zeros(1), "mlp": jnp.zeros(1)}] * 3}
+    >>> ft = {"layers": [{"attn": jnp.ones(1), "mlp": jnp.ones(1)}] * 3}
+    >>> weight = [{"filter": "attn", "value": [0.0, 1.0]}, {"value": 0.5}]
+    >>> merged = merging.merge("task_arithmetic", [ft], base=base,
+    ...                        model_parameters=[{"weight": weight}])
+    >>> print([(float(x["attn"][0]), float(x["mlp"][0])) for x in merged["layers"]])
+    [(0.0, 0.5), (0.5, 0.5), (1.0, 0.5)]
     """
     if isinstance(method, str):
         from jaxcombine.merging._registry import SPECS

@@ -4,6 +4,12 @@
 ``weights=[...]``); ``SPECS[name]`` is its :class:`MergeMethod`, which
 :func:`merge` and the ``jaxcombine merge`` command drive with mergekit-style
 parameter dicts. Both hold exactly mergekit's 20 method names.
+
+>>> from jaxcombine.merging import METHODS, SPECS
+>>> len(METHODS), sorted(METHODS) == sorted(SPECS)
+(20, True)
+>>> SPECS["dare_ties"].base, SPECS["dare_ties"].random, SPECS["dare_ties"].reference
+('required', True, 'arXiv:2311.03099')
 """
 
 from __future__ import annotations

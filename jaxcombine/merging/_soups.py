@@ -99,10 +99,13 @@ def uniform_soup(models: Sequence[PyTree], weights: Sequence[float] | None = Non
     With ``weights=None`` every model counts once (the paper's uniform soup).
     Works under ``jax.jit``; the result has the first model's dtypes.
 
-    Example::
-
-        soup = uniform_soup([params_a, params_b])             # (a + b) / 2
-        soup = uniform_soup([params_a, params_b], [3.0, 1.0])  # (3a + b) / 4
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> a, b = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([5.0, 6.0])}
+    >>> print(merging.uniform_soup([a, b])["w"])                # (a + b) / 2
+    [3. 4.]
+    >>> print(merging.uniform_soup([a, b], [3.0, 1.0])["w"])    # (3 a + b) / 4
+    [2. 3.]
     """
     where = "uniform_soup(models)"
     models = _validate_models(models, where)
@@ -127,7 +130,10 @@ def uniform_soup(models: Sequence[PyTree], weights: Sequence[float] | None = Non
 
 
 class SoupTrial(NamedTuple):
-    """One step of the greedy soup: the candidate model, the candidate soup's score, kept?"""
+    """One step of the greedy soup: the candidate model, the candidate soup's score, kept?
+
+    ``GreedySoupRecord.trials`` holds one per candidate; see its example.
+    """
 
     model: int
     score: float
@@ -142,6 +148,22 @@ class GreedySoupRecord(NamedTuple):
     every model's own held-out score, in input order; ``order``: indices sorted
     by score, best first; ``trials``: one :class:`SoupTrial` per candidate after
     the first; ``score``: the soup's held-out score.
+
+    With scores -|w - 1|, model 2 (w = 1.5) is the best; adding model 0 (w = 0)
+    gives the soup w = 0.75, which scores higher (-0.25); adding model 1 (w = 4)
+    would give w = 1.83 and is refused:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> models = [{"w": jnp.array([w])} for w in (0.0, 4.0, 1.5)]
+    >>> soup, record = merging.greedy_soup(models, lambda p: -abs(float(p["w"][0]) - 1.0))
+    >>> record.scores, record.order, record.ingredients
+    ((-1.0, -3.0, -0.5), (2, 0, 1), (2, 0))
+    >>> record.trials
+    (SoupTrial(model=0, score=-0.25, accepted=True),
+     SoupTrial(model=1, score=-0.8333, accepted=False))
+    >>> print(soup["w"], record.score)
+    [0.75] -0.25
     """
 
     ingredients: tuple[int, ...]
@@ -188,13 +210,17 @@ def greedy_soup(
     ``mean`` is the uniform average of the kept models (their float32 sum
     divided by their count), equal to ``uniform_soup`` of the ingredients.
 
-    Example::
+    With ``held_out``, ``eval_fn`` receives it as its second argument (here a
+    target the soup should approach; :class:`GreedySoupRecord` shows a record):
 
-        def accuracy(params, data):
-            x, y = data
-            return float((apply(params, x).argmax(-1) == y).mean())
-
-        soup, record = greedy_soup(finetuned, accuracy, held_out=(x_val, y_val))
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> models = [{"w": jnp.array([w])} for w in (0.0, 4.0, 1.5)]
+    >>> def score(params, target):          # higher is better, e.g. accuracy
+    ...     return -abs(float(params["w"][0]) - target)
+    >>> soup, record = merging.greedy_soup(models, score, held_out=1.0)
+    >>> print(soup["w"], record.ingredients)        # (1.5 + 0) / 2; the 4 is refused
+    [0.75] (2, 0)
     """
     where = "greedy_soup(models)"
     models = _validate_models(models, where)

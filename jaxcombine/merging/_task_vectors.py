@@ -114,10 +114,18 @@ def _map(fn, *trees):
 def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
     """tau = finetuned - base, leaf by leaf, floats in float32 or wider.
 
-    Example::
+    Integer leaves (step counters) must be equal and pass through (Ilharco et
+    al. 2023, arXiv:2212.04089).
 
-        tau = task_vector(finetuned_params, base_params)
-        assert tree.all_close(apply_task_vector(base_params, tau), finetuned_params)
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging, tree
+    >>> base = {"w": jnp.array([1.0, 2.0], jnp.bfloat16), "step": jnp.array(7)}
+    >>> ft = {"w": jnp.array([1.5, 1.0], jnp.bfloat16), "step": jnp.array(7)}
+    >>> tau = merging.task_vector(ft, base)
+    >>> print(tau["w"], tau["w"].dtype, tau["step"])
+    [ 0.5 -1. ] float32 7
+    >>> tree.all_close(merging.apply_task_vector(base, tau), ft)
+    True
     """
     check_same_structure([finetuned, base], ["finetuned", "base"])
 
@@ -138,9 +146,13 @@ def apply_task_vector(base: PyTree, tv: PyTree, scale=1.0) -> PyTree:
     model forget it (Ilharco et al. 2023, section 3). Ilharco et al. choose the
     scale on held-out data, typically in [0, 1] for addition.
 
-    Example::
-
-        edited = apply_task_vector(base, tau, scale=0.8)
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base, tau = {"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([2.0, -4.0])}
+    >>> print(merging.apply_task_vector(base, tau, scale=0.5)["w"])    # 1 + 0.5 tau
+    [ 2. -1.]
+    >>> print(merging.apply_task_vector(base, tau, scale=-1.0)["w"])   # forget: 1 - tau
+    [-1.  5.]
     """
     check_same_structure([base, tv], ["base", "task vector"])
     check_scale(scale, "apply_task_vector(scale)")
@@ -157,17 +169,30 @@ def apply_task_vector(base: PyTree, tv: PyTree, scale=1.0) -> PyTree:
 
 
 def negate(tv: PyTree) -> PyTree:
-    """-tau (integer leaves unchanged): applying it to the base forgets the task."""
+    """-tau (integer leaves unchanged): applying it to the base forgets the task.
+
+    theta_0 - tau (Ilharco et al. 2023, arXiv:2212.04089, section 3).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> neg = merging.negate({"w": jnp.array([2.0, -4.0]), "step": jnp.array(3)})
+    >>> print(neg["w"], neg["step"])
+    [-2.  4.] 3
+    """
     return jax.tree.map(lambda t: -t if is_float(t) else t, tv)
 
 
 def add_task_vectors(task_vectors: Sequence[PyTree], scales: Sequence[float] | None = None):
     """sum_i s_i tau_i, with s_i = 1 when ``scales`` is None.
 
-    Example::
+    A multi-task model is ``apply_task_vector(base, add_task_vectors(taus, scales))``
+    (Ilharco et al. 2023, arXiv:2212.04089, section 4).
 
-        multi_task = add_task_vectors([tau_a, tau_b, tau_c], [0.4, 0.4, 0.4])
-        merged = apply_task_vector(base, multi_task)
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> tau_a, tau_b = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([2.0, 4.0])}
+    >>> print(merging.add_task_vectors([tau_a, tau_b], [1.0, -0.5])["w"])   # a - b / 2
+    [ 0. -2.]
     """
     task_vectors = list(task_vectors)
     if not task_vectors:
@@ -210,11 +235,16 @@ def analogy(base: PyTree, a: PyTree, b: PyTree, c: PyTree, scale=1.0) -> PyTree:
     ``a``, ``b`` and ``c`` are models fine-tuned from ``base``, with task
     vectors tau_x = x - theta_0 (Ilharco et al. 2023, section 5, e.g. a =
     sentiment on Amazon, b = language modelling on Yelp, c = language modelling
-    on Amazon, ? = sentiment on Yelp).
+    on Amazon, ? = sentiment on Yelp), e.g.
+    ``analogy(base, amazon_lm, yelp_lm, amazon_sentiment, scale=0.5)``.
 
-    Example::
-
-        yelp_sentiment = analogy(base, amazon_lm, yelp_lm, amazon_sentiment, scale=0.5)
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> base = {"w": jnp.zeros(2)}
+    >>> a, b = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([1.0, 1.0])}
+    >>> c = {"w": jnp.array([0.0, 2.0])}
+    >>> print(merging.analogy(base, a, b, c, scale=0.5)["w"])   # 0.5 ([0, 2] + [1, 1] - [1, 0])
+    [0.  1.5]
     """
     names = ["base", "a", "b", "c"]
     check_same_structure([base, a, b, c], names)
