@@ -25,11 +25,19 @@ Rehearse a multi-host job on one machine with N local CPU processes of D fake
 devices each, joined over gloo (:func:`launch`)::
 
     python -m jaxcombine.distributed -n 2 --devices-per-process 4 -- \\
-        python -m train.lm --config configs/lm.yml
+        python -m train.lm --config configs/train/lm_tiny.yml --workdir runs/lm ...
 
 Every process then sees ``jax.device_count() == 8`` and ``make_mesh()`` is
 ``data=8`` with process 0's devices first. The same numbers come out as on one
-process with 8 devices: that is how TPU pods and GPU clusters are rehearsed here.
+process with 8 devices: that is how TPU pods and GPU clusters are rehearsed here
+(``tests/test_distributed.py`` checks a psum and a jitted mean of 2 processes x 4
+devices against numpy). :func:`initialize` has no doctest: it changes the
+process's global state (and on a TPU VM it would join the pod).
+
+>>> from jaxcombine import distributed
+>>> mesh = distributed.make_mesh(expert=4)      # 8 devices in one process here
+>>> dict(mesh.shape), distributed.process_info(), distributed.is_main_process()
+({'data': 2, 'expert': 4, 'model': 1}, (0, 1), True)
 """
 
 from __future__ import annotations
@@ -72,6 +80,14 @@ class LaunchError(JaxcombineError):
     ``process_id`` is the failing process (None on a time-out), ``returncode``
     its exit code (negative: killed by that signal) and ``stderr_tail`` the last
     lines it wrote to stderr.
+
+    >>> import sys
+    >>> fail = "import os, sys; sys.exit(3 * int(os.environ['JAX_PROCESS_ID']))"
+    >>> try:
+    ...     launch([sys.executable, "-c", fail], num_processes=2, devices_per_process=1)
+    ... except LaunchError as e:
+    ...     print(e.process_id, e.returncode)
+    1 3
     """
 
     def __init__(self, message, *, process_id=None, returncode=None, stderr_tail="", **kw):
@@ -108,6 +124,12 @@ def initialize(
 
     Must run before any JAX computation (or ``jax.devices()``) in a multi-process
     run; ``timeout_s`` bounds the wait for the other processes.
+
+    Example (not a doctest: it changes the process's global state)::
+
+        initialize()            # TPU pod, SLURM, Open MPI, the launcher: settings found
+        initialize(coordinator_address="10.0.0.2:8476", num_processes=4,
+                   process_id=int(os.environ["RANK"]))    # or given explicitly
 
     Raises:
         ConfigError: some of address, count and id are set but not all (and no
@@ -271,12 +293,20 @@ def _detect_cluster() -> str | None:
 
 
 def is_main_process() -> bool:
-    """True on process 0 (the one that logs, writes files and prints)."""
+    """True on process 0 (the one that logs, writes files and prints).
+
+    >>> is_main_process()                    # a single-process run
+    True
+    """
     return jax.process_index() == 0
 
 
 def process_info() -> tuple[int, int]:
-    """``(process_index, process_count)`` of this process."""
+    """``(process_index, process_count)`` of this process.
+
+    >>> process_info()                       # a single-process run
+    (0, 1)
+    """
     return jax.process_index(), jax.process_count()
 
 
@@ -303,9 +333,17 @@ def make_mesh(data: int = -1, expert: int = 1, model: int = 1, *, devices=None) 
     Uses ``jax.sharding.Mesh`` (not ``jax.make_mesh``), whose axes are usable
     both by ``jax.jit`` shardings and ``jax.shard_map``.
 
-    Example::
-
-        mesh = make_mesh(expert=4)          # on 8 devices: {"data": 2, "expert": 4, "model": 1}
+    >>> mesh = make_mesh(expert=4)              # on 8 devices
+    >>> dict(mesh.shape)
+    {'data': 2, 'expert': 4, 'model': 1}
+    >>> [d.id for d in make_mesh(2, 2, 2).devices[0].flat]    # data row 0: devices 0-3
+    [0, 1, 2, 3]
+    >>> make_mesh(expert=3)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: make_mesh(data=-1, expert=3, model=1): expert * model = 3 * 1
+    = 3 does not divide the 8 devices, so data=-1 has no size
+      How to fix: choose expert * model among the divisors of 8: 1, 2, 4, 8
 
     Raises:
         ConfigError: an axis size is not a positive integer (``data`` may be
@@ -389,7 +427,12 @@ def _divisors(n: int) -> str:
 
 
 def free_port() -> int:
-    """A TCP port that is free on localhost right now."""
+    """A TCP port that is free on localhost right now (the OS picks it; another
+    program may take it before it is used).
+
+    >>> 0 < free_port() < 65536
+    True
+    """
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
@@ -405,7 +448,18 @@ def child_env(
 ) -> dict[str, str]:
     """The environment of local process ``process_id``: ``base`` plus the
     coordinator settings read by :func:`initialize`, ``JAX_PLATFORMS=cpu`` and
-    ``XLA_FLAGS`` with ``--xla_force_host_platform_device_count`` replaced."""
+    ``XLA_FLAGS`` with ``--xla_force_host_platform_device_count`` replaced.
+
+    >>> base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x"}
+    >>> env = child_env(base, process_id=1, num_processes=2, devices_per_process=4, port=1234)
+    >>> for name in sorted(env):
+    ...     print(f"{name}={env[name]}")
+    JAX_COORDINATOR_ADDRESS=localhost:1234
+    JAX_NUM_PROCESSES=2
+    JAX_PLATFORMS=cpu
+    JAX_PROCESS_ID=1
+    XLA_FLAGS=--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4
+    """
     env = dict(base)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
     flags.append(f"{_DEVICE_COUNT_FLAG}={devices_per_process}")
@@ -446,10 +500,13 @@ def launch(
     in its own process group, which is stopped whole). Returns the exit codes
     (all 0).
 
-    Example::
+    A real job: ``launch([sys.executable, "-m", "train.lm", "--config", "c.yml"],
+    num_processes=2, devices_per_process=4)``. A trivial one (and a failing one
+    in :class:`LaunchError`):
 
-        launch([sys.executable, "-m", "train.lm", "--config", "c.yml"],
-               num_processes=2, devices_per_process=4)
+    >>> import sys
+    >>> launch([sys.executable, "-c", "pass"], num_processes=2, devices_per_process=4)
+    [0, 0]
     """
     argv = [str(a) for a in argv]
     if not argv:
@@ -588,7 +645,15 @@ def _indent(text: str) -> str:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """``python -m jaxcombine.distributed -n N --devices-per-process D -- COMMAND ...``"""
+    """``python -m jaxcombine.distributed -n N --devices-per-process D -- COMMAND ...``
+
+    Returns the exit status: 0, the failing process's exit code, 1 on another
+    error, 130 on Ctrl-C.
+
+    >>> import sys
+    >>> main(["-n", "2", "--devices-per-process", "4", "--", sys.executable, "-c", "pass"])
+    0
+    """
     args = list(sys.argv[1:] if args is None else args)
     if "--" in args:
         split = args.index("--")
