@@ -82,7 +82,14 @@ def _check_params(accumulated: PyTree, params: PyTree, where: str) -> None:
 
 
 class RunningAverageState(NamedTuple):
-    """The mean of the ``count`` parameter sets seen so far."""
+    """The mean of the ``count`` parameter sets seen so far.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.running_average_init({"w": jnp.ones(2, jnp.bfloat16)})
+    >>> state.mean["w"].dtype, int(state.count), state.dtypes["w"].dtype
+    (dtype('float32'), 0, dtype(bfloat16))
+    """
 
     mean: PyTree  # like params; floats in float32 (float64)
     count: jax.Array  # [] int32
@@ -90,12 +97,33 @@ class RunningAverageState(NamedTuple):
 
 
 def running_average_init(params: PyTree) -> RunningAverageState:
-    """An empty running average for parameters shaped like ``params``."""
+    """An empty running average for parameters shaped like ``params``.
+
+    The mean starts at zero with count 0 (float leaves in float32 or wider):
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.running_average_init({"w": jnp.ones(2)})
+    >>> print(state.mean["w"], state.count)
+    [0. 0.] 0
+    """
     return RunningAverageState(_accumulator(params), jnp.zeros((), jnp.int32), _dtypes(params))
 
 
 def running_average_update(state: RunningAverageState, params: PyTree) -> RunningAverageState:
-    """mean_{k+1} = mean_k + (params - mean_k) / (k + 1)."""
+    """mean_{k+1} = mean_k + (params - mean_k) / (k + 1).
+
+    After K updates the mean is (1/K) sum_k theta_k (SWA, Izmailov et al.
+    2018, arXiv:1803.05407):
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.running_average_init({"w": jnp.zeros(1)})
+    >>> for w in (1.0, 2.0, 6.0):
+    ...     state = merging.running_average_update(state, {"w": jnp.array([w])})
+    >>> print(state.mean["w"], state.count)           # (1 + 2 + 6) / 3
+    [3.] 3
+    """
     _check_params(state.mean, params, "running_average_update")
     count = state.count + 1
 
@@ -108,12 +136,28 @@ def running_average_update(state: RunningAverageState, params: PyTree) -> Runnin
 
 
 def running_average_value(state: RunningAverageState) -> PyTree:
-    """The average, in the parameters' dtypes."""
+    """The average, in the parameters' dtypes.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> params = {"w": jnp.array([1.0, 3.0], jnp.bfloat16)}
+    >>> state = merging.running_average_update(merging.running_average_init(params), params)
+    >>> value = merging.running_average_value(state)
+    >>> print(value["w"], value["w"].dtype)
+    [1 3] bfloat16
+    """
     return _cast_back(state.mean, state.dtypes)
 
 
 class EmaState(NamedTuple):
-    """An exponential moving average and what debiasing needs."""
+    """An exponential moving average and what debiasing needs.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.ema_update(merging.ema_init({"w": jnp.ones(1)}), {"w": jnp.ones(1)}, 0.9)
+    >>> print(state.ema["w"], state.count, state.decay_product)   # 0.9 * 0 + 0.1 * 1
+    [0.1] 1 0.9
+    """
 
     ema: PyTree  # like params; floats in float32 (float64)
     count: jax.Array  # [] int32, number of updates
@@ -122,7 +166,14 @@ class EmaState(NamedTuple):
 
 
 def ema_init(params: PyTree) -> EmaState:
-    """A zero EMA for parameters shaped like ``params`` (as optax's ``ema``)."""
+    """A zero EMA for parameters shaped like ``params`` (as optax's ``ema``).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.ema_init({"w": jnp.ones(2, jnp.bfloat16)})
+    >>> print(state.ema["w"], state.ema["w"].dtype, state.count, state.decay_product)
+    [0. 0.] float32 0 1.0
+    """
     return EmaState(
         _accumulator(params),
         jnp.zeros((), jnp.int32),
@@ -132,7 +183,12 @@ def ema_init(params: PyTree) -> EmaState:
 
 
 def ema_decay(decay, count, warmup: bool = False) -> jax.Array:
-    """The decay used at update number ``count``: decay, or min(decay, (1+t)/(10+t))."""
+    """The decay used at update number ``count``: decay, or min(decay, (1+t)/(10+t)).
+
+    >>> from jaxcombine import merging
+    >>> [float(merging.ema_decay(0.99, t, warmup=True)) for t in (0, 90, 10_000)]
+    [0.1, 0.91, 0.99]
+    """
     decay = jnp.asarray(decay, jnp.float32)
     if not warmup:
         return decay
@@ -153,7 +209,19 @@ def _check_decay(decay) -> None:
 
 
 def ema_update(state: EmaState, params: PyTree, decay, *, warmup: bool = False) -> EmaState:
-    """ema <- d ema + (1 - d) params, with d = :func:`ema_decay` (decay, count, warmup)."""
+    """ema <- d ema + (1 - d) params, with d = :func:`ema_decay` (decay, count, warmup).
+
+    Polyak & Juditsky 1992; runs under ``jax.jit`` (``warmup`` static).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> update = jax.jit(merging.ema_update, static_argnames="warmup")
+    >>> state = merging.ema_init({"w": jnp.zeros(1)})
+    >>> for w in (2.0, 4.0):
+    ...     state = update(state, {"w": jnp.array([w])}, 0.5)
+    >>> print(state.ema["w"])                # 0.5 (0.5 * 0 + 0.5 * 2) + 0.5 * 4
+    [2.5]
+    """
     _check_decay(decay)
     _check_params(state.ema, params, "ema_update")
     d = ema_decay(decay, state.count, warmup)
@@ -177,6 +245,17 @@ def ema_value(state: EmaState, *, debias: bool = True) -> PyTree:
 
     Before any update (or when every d_t is 1) there is nothing to debias and
     the stored EMA is returned.
+
+    Two updates with d = 0.5 by 2 and 4: the EMA 2.5 is 0.25 * 2 + 0.5 * 4,
+    and debiasing divides by 1 - 0.25 (weights 1/3 and 2/3):
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.ema_init({"w": jnp.zeros(1)})
+    >>> for w in (2.0, 4.0):
+    ...     state = merging.ema_update(state, {"w": jnp.array([w])}, 0.5)
+    >>> print(merging.ema_value(state, debias=False)["w"], merging.ema_value(state)["w"])
+    [2.5] [3.3333]
     """
     if not debias:
         return _cast_back(state.ema, state.dtypes)
@@ -193,7 +272,13 @@ def ema_value(state: EmaState, *, debias: bool = True) -> PyTree:
 
 class Averager(NamedTuple):
     """An optax-style triple of pure functions: ``init(params)``, ``update(state, params)``,
-    ``value(state)``."""
+    ``value(state)``.
+
+    >>> from jaxcombine import merging
+    >>> averager = merging.ema(0.999)
+    >>> averager.init is merging.ema_init, merging.running_average().value.__name__
+    (True, 'running_average_value')
+    """
 
     init: Any
     update: Any
@@ -203,12 +288,14 @@ class Averager(NamedTuple):
 def running_average() -> Averager:
     """The running (uniform) average of every parameter set passed to ``update``.
 
-    Example::
-
-        avg = running_average()
-        state = avg.init(params)
-        state = avg.update(state, params)
-        averaged = avg.value(state)
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> avg = merging.running_average()
+    >>> state = avg.init({"w": jnp.zeros(2)})
+    >>> for w in (1.0, 2.0):
+    ...     state = jax.jit(avg.update)(state, {"w": jnp.full(2, w)})
+    >>> print(avg.value(state)["w"])
+    [1.5 1.5]
     """
     return Averager(running_average_init, running_average_update, running_average_value)
 
@@ -216,12 +303,18 @@ def running_average() -> Averager:
 def ema(decay: float, *, debias: bool = True, warmup: bool = False) -> Averager:
     """An exponential moving average with its options bound.
 
-    Example::
+    ``debias`` and ``warmup`` as in :func:`ema_value` and :func:`ema_decay`.
+    A debiased EMA of a constant is that constant:
 
-        averager = ema(0.999, warmup=True)
-        state = averager.init(params)
-        state = jax.jit(averager.update)(state, params)
-        eval_params = averager.value(state)
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> averager = merging.ema(0.9, warmup=True)
+    >>> state = averager.init({"w": jnp.zeros(2)})
+    >>> update = jax.jit(averager.update)
+    >>> for _ in range(3):
+    ...     state = update(state, {"w": jnp.full(2, 5.0)})
+    >>> print(averager.value(state)["w"])
+    [5. 5.]
     """
     _check_decay(decay)
 
