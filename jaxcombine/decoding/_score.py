@@ -64,7 +64,25 @@ def windows_of(ids: Sequence[int], window: int) -> list[list[int]]:
 
 @partial(jax.jit, static_argnames=("forward",))
 def window_nll(forward, params, tokens, mask):
-    """Summed NLL [B] of right-padded windows ``tokens`` [B, W] (``mask`` marks real tokens)."""
+    """Summed NLL [B] of right-padded windows ``tokens`` [B, W] (``mask`` marks real tokens).
+
+    ``nll[b] = -sum_{t >= 1, mask[b, t]} log p(tokens[b, t] | tokens[b, <t])``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import DecoderForward
+    >>> graphdef, params = nnx.split(model)
+    >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 0, 0, 0, 0, 0]])
+    >>> nll = window_nll(DecoderForward(graphdef), params, tokens, tokens > 0)
+    >>> lp = jax.nn.log_softmax(model(tokens[:1]).logits[0])        # [8, V]
+    >>> picked = [float(lp[t - 1, tokens[0, t]]) for t in range(1, 8)]
+    >>> bool(jnp.isclose(nll[0], -sum(picked))), bool(jnp.isclose(nll[1], -sum(picked[:2])))
+    (True, True)
+    """
     logits, _ = forward(params, tokens, mask, None)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, W-1, V]
     target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, W-1]
@@ -72,7 +90,28 @@ def window_nll(forward, params, tokens, mask):
 
 
 def score_windows(forward, params, windows: list[list[int]], width: int, batch_size: int):
-    """Summed NLL and prediction count over right-padded batches of windows."""
+    """Summed NLL and prediction count over right-padded batches of windows.
+
+    Every batch is ``batch_size`` rows of ``width`` tokens (one compiled
+    shape); :func:`window_nll` per batch, summed in float64.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import DecoderForward
+    >>> graphdef, params = nnx.split(model)
+    >>> forward = DecoderForward(graphdef)
+    >>> windows = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3]]
+    >>> s = score_windows(forward, params, windows, width=8, batch_size=2)
+    >>> s.count                                          # 7 + 2 predictions
+    9
+    >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 0, 0, 0, 0, 0]])
+    >>> bool(jnp.isclose(s.nll_sum, window_nll(forward, params, tokens, tokens > 0).sum()))
+    True
+    """
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
@@ -121,7 +160,26 @@ def scoring_windows(config, ids: Sequence[int], window: int | None) -> list[list
 
 
 def score_with(forward, params, config, ids, *, window=None, batch_size=8) -> Score:
-    """:func:`score` for any ``forward`` (one model, an ensemble, ...)."""
+    """:func:`score` for any ``forward`` (one model, an ensemble, ...).
+
+    The windows (:func:`scoring_windows`) are right-padded to the longest
+    and scored ``batch_size`` at a time (:func:`score_windows`).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import Decodable
+    >>> d = Decodable.of(model)
+    >>> ids = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3]
+    >>> s = score_with(d.forward, d.params, d.config, ids, window=8)   # [1..8], [1, 2, 3]
+    >>> s.count
+    9
+    >>> s == score(model, ids, window=8)                  # the same for a Decoder
+    True
+    """
     windows = scoring_windows(config, ids, window)
     width = max(len(c) for c in windows)
     return score_windows(forward, params, windows, width, min(batch_size, len(windows)))
@@ -132,10 +190,24 @@ def score(
 ) -> Score:
     """NLL of ``ids`` under ``model``, in windows of the context length.
 
-    Example::
+    ``nll = -(1 / #predictions) sum_windows sum_{t >= 1} log p(x_t | x_<t)``
+    (module docstring), ``ppl = exp(nll)``; as transformers' loss with
+    ``labels=input_ids`` on each window.
 
-        s = score(model, tokenizer.encode(text).ids)
-        print(s.nll, s.ppl)
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    >>> s = score(model, ids)                            # one window: 7 predictions
+    >>> s.count
+    7
+    >>> lp = jax.nn.log_softmax(model(jnp.array([ids])).logits[0])
+    >>> ref = -sum(float(lp[t - 1, ids[t]]) for t in range(1, 8)) / 7
+    >>> abs(s.nll - ref) < 1e-5
+    True
     """
     graphdef, params = nnx.split(model)
     return score_with(
