@@ -49,14 +49,29 @@ PyTree = Any
 
 
 class FisherState(NamedTuple):
-    """Running sum of squared per-example gradients and the number of examples."""
+    """Running sum of squared per-example gradients and the number of examples.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.fisher_init({"w": jnp.ones(2)})
+    >>> print(state.sum_squares["w"], state.count)
+    [0. 0.] 0
+    """
 
     sum_squares: PyTree  # like params, float32
     count: jax.Array  # [] int32
 
 
 def fisher_init(params: PyTree) -> FisherState:
-    """An empty accumulator for the diagonal Fisher of ``params``."""
+    """An empty accumulator for the diagonal Fisher of ``params``.
+
+    Sums are float32 whatever the parameters' dtype:
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> merging.fisher_init({"w": jnp.ones(3, jnp.bfloat16)}).sum_squares["w"].dtype
+    dtype('float32')
+    """
     return FisherState(
         sum_squares=jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params),
         count=jnp.zeros((), jnp.int32),
@@ -98,13 +113,20 @@ def fisher_update(
     negative log-likelihood gives the same squares. Do not pass a loss averaged
     over a batch: the gradients are taken per example with ``jax.vmap``.
 
-    Example::
+    For a classifier, ``log_prob_fn = lambda p, ex: log_softmax(apply(p, ex[0]))[ex[1]]``.
+    Here a Gaussian likelihood log p(y | x, w) = -(y - w x)^2 / 2 at w = 0,
+    whose gradient is y x: F = ((3 * 1)^2 + (1 * 2)^2) / 2 = 6.5.
 
-        def log_prob_fn(params, example):
-            x, y = example
-            return jax.nn.log_softmax(apply(params, x))[y]
-
-        state = fisher_update(fisher_init(params), params, (xs, ys), log_prob_fn)
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> def log_prob_fn(params, example):
+    ...     x, y = example
+    ...     return -0.5 * (y - params["w"] * x) ** 2
+    >>> params = {"w": jnp.zeros(())}
+    >>> batch = (jnp.array([1.0, 2.0]), jnp.array([3.0, 1.0]))      # (xs, ys)
+    >>> state = merging.fisher_update(merging.fisher_init(params), params, batch, log_prob_fn)
+    >>> print(merging.fisher_finalize(state)["w"])
+    6.5
     """
     n = _batch_size(batch, "fisher_update(batch)")
     return _accumulate(state, _per_example_squares(log_prob_fn, params, batch), n)
@@ -127,10 +149,16 @@ def expected_fisher_update(
     input the squared gradient of log p(c | x) is averaged over the classes c
     with weights p(c | x) (exactly: C gradients per input, no sampling).
 
-    Example::
+    Logits w x with w = 0 (p = 1/2 for both classes): d log p(c | x) / d w_j =
+    x ([c = j] - 1/2), so F_j = mean_x x^2 / 4 = (1 + 4) / 2 / 4 = 0.625.
 
-        state = expected_fisher_update(fisher_init(params), params, xs,
-                                       lambda p, x: apply(p, x))
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = merging.expected_fisher_update(merging.fisher_init(params), params,
+    ...                                        jnp.array([1.0, 2.0]), lambda p, x: p["w"] * x)
+    >>> print(merging.fisher_finalize(state)["w"])
+    [0.625 0.625]
     """
     n = _batch_size(inputs, "expected_fisher_update(inputs)")
     return _accumulate(state, _expected_squares(logits_fn, params, inputs), n)
@@ -159,7 +187,14 @@ def _expected_squares(logits_fn, params, inputs):
 
 
 def fisher_finalize(state: FisherState) -> PyTree:
-    """The diagonal Fisher: the accumulated squares divided by the example count."""
+    """The diagonal Fisher: the accumulated squares divided by the example count.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.FisherState({"w": jnp.array([6.0, 3.0])}, jnp.array(3))
+    >>> print(merging.fisher_finalize(state)["w"])
+    [2. 1.]
+    """
     count = int(state.count)
     if count == 0:
         raise ConfigError(
@@ -238,9 +273,15 @@ def fisher_merge(
     Fisher is 0 the result is the weighted mean sum_i w_i theta_i / sum_i w_i.
     Leaves keep the models' dtype; the arithmetic is float32.
 
-    Example::
+    Entry 0 is weighted by the Fishers 1 and 3; entry 1 has no Fisher and
+    takes the plain mean:
 
-        merged = fisher_merge([a, b], [fisher_a, fisher_b], weights=[0.5, 0.5])
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> a, b = {"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([3.0, 3.0])}
+    >>> fisher_a, fisher_b = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([3.0, 0.0])}
+    >>> print(merging.fisher_merge([a, b], [fisher_a, fisher_b])["w"])   # (1 + 9) / 4, 2
+    [2.5 2. ]
 
     Reference: Matena & Raffel, "Merging Models with Fisher-Weighted
     Averaging", arXiv:2111.09832.

@@ -59,7 +59,13 @@ def _key(path: tuple) -> str:
 
 
 class GramState(NamedTuple):
-    """Running Gram matrices sum_n x_n x_n^T per linear layer, and the input counts."""
+    """Running Gram matrices sum_n x_n x_n^T per linear layer, and the input counts.
+
+    >>> from jaxcombine import merging
+    >>> state = merging.gram_init({"head/kernel": 3})
+    >>> state.grams["head/kernel"].shape, int(state.counts["head/kernel"])
+    ((3, 3), 0)
+    """
 
     grams: dict[str, jax.Array]  # key -> [d_in, d_in] float32
     counts: dict[str, jax.Array]  # key -> [] int32
@@ -68,10 +74,14 @@ class GramState(NamedTuple):
 def gram_init(features: Mapping[str, int | jax.Array]) -> GramState:
     """Empty Grams, one per key: ``features[key]`` is d_in, or example inputs [..., d_in].
 
-    Example::
+    With an NNX model, ``gram_init(linear_inputs(model, xs[:1]))`` takes the
+    sizes from a forward pass.
 
-        state = gram_init({"layers/0/kernel": 4, "head/kernel": 64})
-        state = gram_init(linear_inputs(model, xs[:1]))        # sizes from a forward pass
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> state = merging.gram_init({"layers/0/kernel": 4, "head/kernel": jnp.ones((1, 8))})
+    >>> {k: g.shape for k, g in state.grams.items()}
+    {'layers/0/kernel': (4, 4), 'head/kernel': (8, 8)}
     """
     if not isinstance(features, Mapping) or not features:
         raise ConfigError(
@@ -97,6 +107,14 @@ def gram_update(state: GramState, inputs: Mapping[str, jax.Array]) -> GramState:
     """Add X^T X of a batch: ``inputs[key]`` is [..., d_in], leading axes flattened.
 
     ``inputs`` must name exactly the layers of ``state``.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> x = jnp.array([[1.0, 0.0], [1.0, 2.0]])                 # [N, d_in]
+    >>> state = merging.gram_update(merging.gram_init({"kernel": 2}), {"kernel": x})
+    >>> print(state.grams["kernel"], state.counts["kernel"])      # x^T x
+    [[2. 2.]
+     [2. 4.]] 2
     """
     missing = sorted(set(state.grams) - set(inputs))
     extra = sorted(set(inputs) - set(state.grams))
@@ -130,6 +148,14 @@ def gram_finalize(state: GramState, *, mean: bool = False) -> dict[str, jax.Arra
     """The Grams G = X^T X (the paper's sums), or X^T X / N with ``mean=True``.
 
     Sums weight each model by how many inputs it saw; means weight models equally.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> x = jnp.array([[1.0, 0.0], [1.0, 2.0]])
+    >>> state = merging.gram_update(merging.gram_init({"kernel": 2}), {"kernel": x})
+    >>> print(merging.gram_finalize(state, mean=True)["kernel"])  # x^T x / 2
+    [[1. 1.]
+     [1. 2.]]
     """
     for key, count in state.counts.items():
         if int(count) == 0:
@@ -172,11 +198,16 @@ def linear_inputs(
     (default ``model(*args, **kwargs)``) on a copy: ``model`` is not modified.
     Works under ``jax.jit``.
 
-    Example::
-
-        inputs = linear_inputs(MLPClassifier(4, (8,), 3, rngs=nnx.Rngs(0)), xs)
-        inputs["layers/0/kernel"].shape        # (N, 4)
-        inputs["head/kernel"].shape            # (N, 8), after the ReLU
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine import merging
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+    >>> inputs = merging.linear_inputs(model, jnp.ones((5, 2)))
+    >>> {key: x.shape for key, x in inputs.items()}
+    {'layers/0/kernel': (5, 2), 'layers/2/kernel': (5, 3)}
+    >>> bool((inputs["layers/2/kernel"] >= 0).all())       # after the ReLU
+    True
     """
     from flax import nnx
 
@@ -281,9 +312,19 @@ def regmean_merge(
     other leaves. The solve runs in float64 when ``jax_enable_x64`` is on, else
     float32; a singular system raises :class:`ConfigError`.
 
-    Example::
+    Model a saw only input feature 0 and b only feature 1, so the merged
+    kernel takes a's row 0 and b's row 1 (reproducing both models' outputs on
+    their inputs, where the mean would halve both); the bias is the mean:
 
-        merged = regmean_merge([params_a, params_b], [grams_a, grams_b], alpha=0.9)
+    >>> import jax.numpy as jnp
+    >>> from jaxcombine import merging
+    >>> a = {"kernel": jnp.array([[1.0], [0.0]]), "bias": jnp.array([0.0])}
+    >>> b = {"kernel": jnp.array([[0.0], [1.0]]), "bias": jnp.array([2.0])}
+    >>> grams_a = {"kernel": jnp.array([[1.0, 0.0], [0.0, 0.0]])}
+    >>> grams_b = {"kernel": jnp.array([[0.0, 0.0], [0.0, 1.0]])}
+    >>> merged = merging.regmean_merge([a, b], [grams_a, grams_b], alpha=1.0)
+    >>> print(merged["kernel"].ravel(), merged["bias"])
+    [1. 1.] [1.]
 
     Reference: Jin, Ren, Preotiuc-Pietro & Cheng, "Dataless Knowledge Fusion by
     Merging Weights of Language Models", arXiv:2212.09849.
