@@ -121,6 +121,28 @@ def beam_search(
     Slots after a hypothesis' EOS hold ``pad_id``. Equals transformers
     ``generate(num_beams=K, do_sample=False, length_penalty=lp,
     early_stopping=False)``; see the module docstring for the algorithm.
+
+    With as many beams as tokens and two new tokens the search is exhaustive,
+    so it finds ``argmax_{a, b} log p(a | x) + log p(b | x, a)``:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import Decodable, left_pad, prefill
+    >>> d = Decodable.of(model)
+    >>> tokens, mask = left_pad([[1, 2, 3]], 16, pad_id=0)
+    >>> logits, cache = prefill(d.forward, d.params, tokens, mask, d.init_cache(1, 16 + 2))
+    >>> best = beam_search(d.forward, d.params, logits, cache, jnp.array([-1]), jnp.int32(0),
+    ...                    num_beams=16, max_new_tokens=2)      # [B, N]; -1: no EOS
+    >>> pairs = jnp.array([[1, 2, 3, a, b] for a in range(16) for b in range(16)])
+    >>> lp = jax.nn.log_softmax(model(pairs).logits)           # all 256 continuations
+    >>> rows = jnp.arange(256)
+    >>> total = lp[rows, 2, pairs[:, 3]] + lp[rows, 3, pairs[:, 4]]
+    >>> best[0].tolist() == pairs[int(total.argmax()), 3:].tolist()
+    True
     """
     B, V = first_logits.shape
     K, N = num_beams, max_new_tokens

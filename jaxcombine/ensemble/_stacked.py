@@ -44,7 +44,27 @@ _GREEDY = Sampling()
 @dataclasses.dataclass(frozen=True)
 class StackedForward:
     """``forward(params, tokens, mask, cache, last_only)`` of N stacked members:
-    combined log-probabilities [B, T, V] and the stacked caches."""
+    combined log-probabilities [B, T, V] and the stacked caches.
+
+    ``combination(vmap(member)(params))``: each member's logits [N, B, T, V]
+    (:meth:`members`), then the rule over axis 0.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> graphdef, params = stack_members(members)
+    >>> forward = StackedForward(graphdef, Combination("loglinear"))
+    >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    >>> log_p, _ = forward(params, tokens, jnp.ones((1, 8), bool), None)
+    >>> z = jnp.stack([m(tokens).logits for m in members])          # [N, B, T, V]
+    >>> ref = jax.nn.log_softmax(jax.nn.log_softmax(z).mean(0))      # sum_i log p_i / 2
+    >>> log_p.shape, bool(jnp.allclose(log_p, ref, atol=1e-5))
+    ((1, 8, 16), True)
+    """
 
     graphdef: Any
     combination: Combination
@@ -89,7 +109,18 @@ class StackedForward:
 
 def check_same_architecture(configs: Sequence[DecoderConfig], names=None) -> None:
     """A :class:`ConfigError` naming the first member whose config differs from the
-    first one's (dropout aside), and the differing fields."""
+    first one's (dropout aside), and the differing fields.
+
+    >>> from jaxcombine.models import DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> check_same_architecture([config, config.replace(dropout_rate=0.1)])   # silent
+    >>> check_same_architecture([config, config.replace(num_layers=3)], ["base", "deep"])
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: deep: deep has a different architecture from base (num_layers)
+      How to fix: stack members of one architecture; combine others as a tuple of models
+    """
     if not configs:
         raise ConfigError("no members given", where="models", fix="pass at least one model")
     names = names or [f"member {i}" for i in range(len(configs))]
@@ -110,7 +141,21 @@ def check_same_architecture(configs: Sequence[DecoderConfig], names=None) -> Non
 
 def stack_members(models: Sequence[Decoder]) -> tuple[Any, Any]:
     """(graph definition, parameters stacked on a leading member axis) of ``models``,
-    which must share one architecture (equal configs up to dropout)."""
+    which must share one architecture (equal configs up to dropout).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> graphdef, params = stack_members(members)
+    >>> params["lm_head"]["kernel"].shape                   # [N, E, V]
+    (2, 8, 16)
+    >>> bool(jnp.array_equal(params["lm_head"]["kernel"][1], members[1].lm_head.kernel.get_value()))
+    True
+    """
     check_same_architecture([m.config for m in models])
     splits = [nnx.split(m) for m in models]
     params = [p for _, p in splits]
@@ -122,10 +167,23 @@ def stacked(models: Sequence[Decoder], combination: Combination = _UNIFORM_LINEA
     """Members of one architecture as one :class:`~jaxcombine.decoding.Decodable`:
     their parameters stacked, their forward vmapped, their logits combined.
 
-    Example::
+    Everything that takes a :class:`~jaxcombine.decoding.Decodable` takes it:
+    ``generate``, ``score_with``, ``prefill_prefix``, ``speculative_generate``.
 
-        ensemble = stacked(members, Combination("loglinear"))
-        state = prefill_prefix(ensemble, system_prompt_ids)
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> from jaxcombine.decoding import generate
+    >>> ens = stacked(members, Combination("linear"))
+    >>> new = generate(ens, [[1, 2, 3]], max_new_tokens=5)[0]
+    >>> z = jnp.stack([m(jnp.array([[1, 2, 3] + new])).logits[0] for m in members])
+    >>> p = jax.nn.softmax(z).mean(0)                       # (p_1 + p_2) / 2, [8, V]
+    >>> new == p[2:-1].argmax(-1).tolist()                  # greedy on the mixture
+    True
     """
     combination.check_members(len(models))
     graphdef, params = stack_members(models)
@@ -154,10 +212,22 @@ def generate_ensemble(
     ``num_beams`` beams. Returns the new tokens per prompt.
     ``prefix``: a state from ``prefill_prefix(stacked(models, combination), ids)``.
 
-    Example::
+    ``generate(stacked(models, combination), prompts, ...)``; stack the
+    members once with :func:`stacked` when generating many times.
 
-        members = [load_model(d) for d in ("run-a", "run-b", "run-c")]
-        generate_ensemble(members, [[1, 15, 27]], Combination("loglinear"))
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> new = generate_ensemble(members, [[1, 2, 3]], Combination("loglinear"),
+    ...                         max_new_tokens=5)[0]
+    >>> z = jnp.stack([m(jnp.array([[1, 2, 3] + new])).logits[0] for m in members])
+    >>> log_p = jax.nn.log_softmax(z).mean(0)               # log of the product of experts
+    >>> new == log_p[2:-1].argmax(-1).tolist()
+    True
     """
     check_beams(num_beams, sampling)  # before the members are stacked
     return generate(
@@ -179,9 +249,22 @@ def score_ensemble(
     as :func:`jaxcombine.decoding.score`: ``-sum_t log p_ens(x_t | x_<t)``, where
     ``p_ens`` is ``combination`` of the members' next-token distributions.
 
-    Example::
+    For ``linear`` weights w: ``p_ens(v) = sum_i w_i p_i(v | x_<t)``.
 
-        score_ensemble(members, tokenizer.encode(text).ids, Combination("loglinear"))
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    >>> s = score_ensemble(members, ids, Combination("linear", (0.75, 0.25)))
+    >>> z = jnp.stack([m(jnp.array([ids])).logits[0] for m in members])
+    >>> p = 0.75 * jax.nn.softmax(z[0]) + 0.25 * jax.nn.softmax(z[1])
+    >>> ref = -sum(float(jnp.log(p[t - 1, ids[t]])) for t in range(1, 8)) / 7
+    >>> s.count, abs(s.nll - ref) < 1e-5
+    (7, True)
     """
     ensemble = stacked(models, combination)
     return score_with(
