@@ -44,7 +44,11 @@ OUTPUT_ARCHITECTURES = ("Mixtral", "DeepSeek", "Qwen MoE", "Qwen3 MoE")
 
 @dataclass(frozen=True)
 class Expert:
-    """One expert: its model and the prompts that initialise its router rows."""
+    """One expert: its model and the prompts that initialise its router rows
+    (``noise_scale``, ``residual_scale``: mergekit-moe's per-expert options).
+
+    >>> Expert("code", Path("models/code"), positive_prompts=("def f(x):",)).residual_scale
+    """
 
     source_model: str
     path: Path
@@ -56,7 +60,12 @@ class Expert:
 
 @dataclass(frozen=True)
 class MoEMergeConfig:
-    """A validated mergekit-moe configuration."""
+    """A validated mergekit-moe configuration (made by :func:`parse_moe_config` or
+    :func:`load_moe_config`, which have examples).
+
+    >>> MoEMergeConfig("base", Path("base"), (Expert("code", Path("code")),)).gate_mode
+    'hidden'
+    """
 
     base_model: str
     base_path: Path
@@ -113,7 +122,23 @@ def _architecture(value) -> None:
 def parse_moe_config(
     raw: Mapping, *, config_dir: str | os.PathLike | None = None, text: str = "", source="<dict>"
 ) -> MoEMergeConfig:
-    """Check a mergekit-moe config (a dict as read from YAML) and locate every model."""
+    """Check a mergekit-moe config (a dict as read from YAML) and locate every model
+    (relative paths are looked up beside ``config_dir``); reads no file.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name)
+    >>> for name in ("base", "code", "math"):
+    ...     (root / name).mkdir()
+    >>> config = parse_moe_config({"base_model": "base", "gate_mode": "cheap_embed",
+    ...     "experts": [{"source_model": "code", "positive_prompts": ["def f(x):"]},
+    ...                 {"source_model": "math", "positive_prompts": ["2 + 2 ="]}]},
+    ...     config_dir=root)
+    >>> [e.source_model for e in config.experts], config.experts_per_token
+    (['code', 'math'], 2)
+    >>> config.experts[1].path == root / "math"
+    True
+    >>> tmp.cleanup()
+    """
     _check_keys(raw, TOP_LEVEL_KEYS, "config")
     if raw.get("base_model") is None:
         raise ConfigError(
@@ -223,5 +248,24 @@ def parse_moe_config(
 
 
 def load_moe_config(path: str | os.PathLike) -> MoEMergeConfig:
-    """Read and check a mergekit-moe YAML file (models located on disk, nothing else read)."""
+    """Read and check a mergekit-moe YAML file (models located on disk, nothing else read).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name)
+    >>> for name in ("base", "code", "math"):
+    ...     (root / name).mkdir()
+    >>> _ = (root / "moe.yml").write_text('''
+    ... base_model: base
+    ... gate_mode: random
+    ... experts_per_token: 1
+    ... experts:
+    ...   - source_model: code
+    ...   - source_model: math
+    ...     noise_scale: 0.01
+    ... ''')
+    >>> config = load_moe_config(root / "moe.yml")
+    >>> config.gate_mode, config.experts_per_token, config.experts[1].noise_scale
+    ('random', 1, 0.01)
+    >>> tmp.cleanup()
+    """
     return _load_yaml(path, parse_moe_config, kind="moe", tool="mergekit-moe")

@@ -24,7 +24,10 @@ _RECOMPUTED = ("rotary_emb.inv_freq",)
 @dataclass(frozen=True)
 class OutTensor:
     """One output tensor: copied from ``model``'s ``tensor`` (for ``expert`` m, scaled and
-    noised as that expert says), or a router (``router_layer``)."""
+    noised as that expert says), or a router (``router_layer``).
+
+    >>> OutTensor("model.layers.0.block_sparse_moe.gate.weight", (2, 4), router_layer=0).model
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -36,7 +39,8 @@ class OutTensor:
 
 @dataclass
 class MoEPlan:
-    """Everything :func:`run_moe` needs, checked."""
+    """Everything :func:`run_moe` needs, checked (made by :func:`plan_moe`, which has
+    an example): the open checkpoints, every output tensor, the output config."""
 
     config: MoEMergeConfig
     checkpoints: dict[str, SafetensorsCheckpoint]  # model reference -> headers
@@ -184,6 +188,39 @@ def plan_moe(config: MoEMergeConfig, *, allow_all_same: bool = False) -> MoEPlan
 
     ``allow_all_same``: allow prompt-initialised routers over copies of one model
     (mergekit-moe's ``--i-understand-this-is-not-useful-without-training``).
+
+    Two tiny random Llamas as experts of a third (the base):
+
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from jaxcombine.hf import config_from_hf, decoder_tensor_maps, write_shards
+    >>> from jaxcombine.moe.mergekit import parse_moe_config, plan_moe
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name)
+    >>> hf = {"model_type": "llama", "vocab_size": 8, "hidden_size": 4,
+    ...       "intermediate_size": 6, "num_hidden_layers": 1, "num_attention_heads": 2}
+    >>> shapes = {m.hf_name: m.hf_shape for m in decoder_tensor_maps(config_from_hf(hf))}
+    >>> for seed, name in enumerate(["base", "code", "math"]):   # tiny random Llamas
+    ...     (root / name).mkdir(); _ = (root / name / "config.json").write_text(json.dumps(hf))
+    ...     rng = np.random.default_rng(seed)
+    ...     tensors = ((n, rng.normal(size=s).astype(np.float32)) for n, s in shapes.items())
+    ...     _ = write_shards(tensors, root / name, max_shard_bytes=10**9)
+    >>> config = parse_moe_config({"base_model": "base", "gate_mode": "random", "experts": [
+    ...     {"source_model": "code"}, {"source_model": "math", "residual_scale": 0.5}]},
+    ...     config_dir=root)
+    >>> plan = plan_moe(config)
+    >>> print(plan.describe())
+    gate_mode: random
+    base_model: base (...)
+    output: Mixtral, 2 experts, 2 per token, 1 layers, 16 tensors, 0.000 GB float32
+    expert 0: code (random router rows)
+    expert 1: math (random router rows, residual_scale 0.5)
+    <BLANKLINE>
+    model.embed_tokens.weight ... <- base
+    ...
+    model.layers.0.block_sparse_moe.gate.weight   2x4  <- router from random
+    model.layers.0.block_sparse_moe.experts.0.w1.weight   6x4  <- code:model.layers.0.mlp...
+    ...
+    >>> plan.close(); tmp.cleanup()
     """
     if (
         config.gate_mode in PROMPT_MODES

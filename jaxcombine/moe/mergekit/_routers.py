@@ -36,7 +36,15 @@ def _bos_text(path: Path) -> str:
 
 
 def tokenize_prompts(tokenizer, bos: str, prompts) -> list[list[int]]:
-    """mergekit-moe's tokenisation: ``bos + prompt``, no special tokens added."""
+    """mergekit-moe's tokenisation: ``bos + prompt``, no special tokens added.
+
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> tokenizer = Tokenizer(models.WordLevel({"<s>": 0, "def": 1, "f": 2, "?": 3}, "?"))
+    >>> tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> _ = tokenizer.add_special_tokens(["<s>"])
+    >>> tokenize_prompts(tokenizer, "<s>", ["def f", "x"])
+    [[0, 1, 2], [0, 3]]
+    """
     return [tokenizer.encode(bos + p, add_special_tokens=False).ids for p in prompts]
 
 
@@ -97,6 +105,15 @@ def cheap_embed_rows(embedding: np.ndarray, prompt_ids, num_layers: int) -> np.n
 
     ``prompt_ids``: per expert, (positive, negative) lists of token id lists.
     Row m is ``n(n(sum e(pos)) - n(sum e(neg)))``, the same in every layer.
+
+    Expert 0: prompt [0], e = (1, 0). Expert 1: prompt [1, 2] against [0],
+    n((1, 2) / sqrt(5) - (1, 0)) = n(-0.553, 0.894):
+
+    >>> embedding = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> rows = cheap_embed_rows(embedding, [([[0]], []), ([[1, 2]], [[0]])], num_layers=2)
+    >>> print(rows.shape, rows[1])
+    (2, 2, 2) [[ 1.      0.    ]
+     [-0.5257  0.8507]]
     """
     embedding = np.asarray(embedding, np.float32)
 
@@ -119,6 +136,21 @@ def layer_input_states(model, prompts: list[list[int]], *, average: bool = False
     prompts are run unpadded-equivalently: right-padded to a length bucket
     with a token mask (causal attention never lets a real token see padding),
     ``_HIDDEN_BATCH`` at a time through one jitted function of the model's state.
+
+    Layer 0's input is the token embedding:
+
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> states = layer_input_states(model, [[1, 2, 3], [4, 5]])       # [L, P, E]
+    >>> embedding = np.asarray(model.embed_tokens.embedding[...])
+    >>> states.shape, np.allclose(states[0], embedding[[3, 5]])       # last tokens: 3 and 5
+    ((2, 2, 8), True)
+    >>> mean = layer_input_states(model, [[1, 2, 3]], average=True)
+    >>> np.allclose(mean[0, 0], embedding[[1, 2, 3]].mean(0))
+    True
     """
     import jax
     import jax.numpy as jnp
@@ -162,6 +194,17 @@ def hidden_rows(model, prompt_ids, *, average: bool = False) -> np.ndarray:
 
     Row m of layer l is ``n(mean_p h_l(p) - mean_q h_l(q))`` over expert m's
     positive prompts p and negative prompts q (see :func:`layer_input_states`).
+
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> rows = hidden_rows(model, [([[1, 2, 3]], [[4, 5]]), ([[4, 5]], [])])   # [L, X, E]
+    >>> h = layer_input_states(model, [[1, 2, 3], [4, 5]])
+    >>> v = h[:, 0] - h[:, 1]                        # expert 0: positive minus negative
+    >>> rows.shape, np.allclose(rows[:, 0], v / np.linalg.norm(v, axis=-1, keepdims=True))
+    ((2, 2, 8), True)
     """
     flat = [ids for positive, negative in prompt_ids for ids in (*positive, *negative)]
     states = layer_input_states(model, flat, average=average)  # [L, P, E]
@@ -177,7 +220,14 @@ def hidden_rows(model, prompt_ids, *, average: bool = False) -> np.ndarray:
 
 
 def random_rows(key, num_layers: int, num_experts: int, hidden: int, *, uniform: bool = False):
-    """Router rows [L, X, E]: standard normal, or uniform on ``[-1/sqrt(E), 1/sqrt(E))``."""
+    """Router rows [L, X, E]: standard normal, or uniform on ``[-1/sqrt(E), 1/sqrt(E))``
+    (torch's ``nn.Linear`` initialisation), from the ``jax.random`` ``key``.
+
+    >>> import jax
+    >>> rows = random_rows(jax.random.key(0), 2, 3, 16, uniform=True)
+    >>> rows.shape, bool(np.all(np.abs(rows) <= 0.25))                # 1 / sqrt(16)
+    ((2, 3, 16), True)
+    """
     import jax
 
     shape = (num_layers, num_experts, hidden)
@@ -188,7 +238,10 @@ def random_rows(key, num_layers: int, num_experts: int, hidden: int, *, uniform:
 
 
 def router_rows(plan: MoEPlan, *, seed: int = 0) -> np.ndarray:
-    """Every layer's router rows [L, X, E] float32, by the plan's gate_mode."""
+    """Every layer's router rows [L, X, E] float32, by the plan's gate_mode:
+    :func:`cheap_embed_rows`, :func:`hidden_rows` (the base model loaded and run)
+    or :func:`random_rows` keyed by ``seed``. An example is in :func:`run_moe`,
+    which writes them as ``block_sparse_moe.gate.weight``."""
     import jax
 
     config, L, E = plan.config, plan.num_layers, plan.hidden_size

@@ -54,7 +54,43 @@ def run_moe(
     """Compute the routers, then write ``plan`` into ``out_dir`` one tensor at a time.
 
     Returns a summary; closes the plan's files. ``seed`` keys random routers and
-    expert noise.
+    expert noise. Expert m of layer l is ``w1 = gate_proj``, ``w2 = down_proj *
+    residual_scale``, ``w3 = up_proj`` of its model (plus ``noise_scale`` N(0, 1)
+    noise), the routers are :func:`router_rows`.
+
+    Two tiny random Llamas as experts of a third (the base); expert 1 halves its
+    residual branch:
+
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from jaxcombine.hf import config_from_hf, decoder_tensor_maps, write_shards
+    >>> from jaxcombine.moe.mergekit import parse_moe_config, plan_moe
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name)
+    >>> hf = {"model_type": "llama", "vocab_size": 8, "hidden_size": 4,
+    ...       "intermediate_size": 6, "num_hidden_layers": 1, "num_attention_heads": 2}
+    >>> shapes = {m.hf_name: m.hf_shape for m in decoder_tensor_maps(config_from_hf(hf))}
+    >>> for seed, name in enumerate(["base", "code", "math"]):   # tiny random Llamas
+    ...     (root / name).mkdir(); _ = (root / name / "config.json").write_text(json.dumps(hf))
+    ...     rng = np.random.default_rng(seed)
+    ...     tensors = ((n, rng.normal(size=s).astype(np.float32)) for n, s in shapes.items())
+    ...     _ = write_shards(tensors, root / name, max_shard_bytes=10**9)
+    >>> config = parse_moe_config({"base_model": "base", "gate_mode": "random", "experts": [
+    ...     {"source_model": "code"}, {"source_model": "math", "residual_scale": 0.5}]},
+    ...     config_dir=root)
+    >>> plan = plan_moe(config)
+    >>> routers = router_rows(plan, seed=0)                                # [L, X, E]
+    >>> print(run_moe(plan, root / "moe", seed=0, progress=False)["message"])
+    wrote a Mixtral model with 2 experts (2 per token, random routers; 0.000 GB, 1 shard(s)) ...
+    >>> from jaxcombine.hf import SafetensorsCheckpoint
+    >>> with SafetensorsCheckpoint(root / "moe") as out, SafetensorsCheckpoint(root / "math") as m:
+    ...     moe = "model.layers.0.block_sparse_moe."
+    ...     print(np.array_equal(out.read(moe + "experts.1.w2.weight"),
+    ...                          0.5 * m.read("model.layers.0.mlp.down_proj.weight")),
+    ...           np.array_equal(out.read(moe + "gate.weight"), routers[0]))
+    True True
+    >>> json.loads((root / "moe" / "config.json").read_text())["num_local_experts"]
+    2
+    >>> tmp.cleanup()
     """
     from tqdm.auto import tqdm
 
