@@ -65,7 +65,14 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class SliceSource:
-    """One input of an output slice: a model and its layers ``[start, end)``."""
+    """One input of an output slice: a model and its layers ``[start, end)``.
+
+    The YAML ``{model: a, layer_range: [0, 2], parameters: {weight: 0.5}}``:
+
+    >>> from jaxcombine.merging.mergekit import SliceSource
+    >>> SliceSource("a", (0, 2), {"weight": 0.5})
+    SliceSource(model='a', layer_range=(0, 2), parameters={'weight': 0.5})
+    """
 
     model: str
     layer_range: tuple[int, int] | None  # None: all layers (the `models:` form)
@@ -74,6 +81,17 @@ class SliceSource:
 
 @dataclass(frozen=True)
 class OutputSlice:
+    """A run of output layers merged from the same layers of its sources.
+
+    ``models:`` is one slice over all layers (``layer_range=None``); each entry
+    of ``slices:`` is one slice, with its own optional base model and settings.
+
+    >>> from jaxcombine.merging.mergekit import OutputSlice, SliceSource
+    >>> s = OutputSlice((SliceSource("a", (0, 2)), SliceSource("b", (4, 6))), base_model="a")
+    >>> [src.layer_range for src in s.sources], s.base_model
+    ([(0, 2), (4, 6)], 'a')
+    """
+
     sources: tuple[SliceSource, ...]
     base_model: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
@@ -86,6 +104,12 @@ class TokenSetting:
     ``source``: a model reference, ``{"kind": "zero"}``, or
     ``{"kind": "model_token", "model": M, "token": T | "token_id": I}``.
     ``force``: use the source even where a model has the token.
+
+    The YAML ``tokens: {"<pad>": {source: {kind: zero}, force: true}}``:
+
+    >>> from jaxcombine.merging.mergekit import TokenSetting
+    >>> TokenSetting({"kind": "zero"}, force=True)
+    TokenSetting(source={'kind': 'zero'}, force=True)
     """
 
     source: Any = None
@@ -94,6 +118,14 @@ class TokenSetting:
 
 @dataclass(frozen=True)
 class TokenizerSettings:
+    """The output vocabulary: ``tokenizer_source`` or ``tokenizer: {source, tokens,
+    pad_to_multiple_of}`` (the fill rules are in :class:`VocabPlan`).
+
+    >>> from jaxcombine.merging.mergekit import TokenizerSettings
+    >>> TokenizerSettings("union", pad_to_multiple_of=64)
+    TokenizerSettings(source='union', tokens={}, pad_to_multiple_of=64)
+    """
+
     source: str  # "union", "base", or a model reference
     tokens: Mapping[str, TokenSetting] = field(default_factory=dict)
     pad_to_multiple_of: int | None = None
@@ -101,7 +133,11 @@ class TokenizerSettings:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """A validated merge configuration; ``models`` maps each reference to its directory."""
+    """A validated merge configuration; ``models`` maps each reference to its directory.
+
+    Made by :func:`parse_merge_config` or :func:`load_merge_config` (see their
+    examples); ``referenced()`` lists every model once.
+    """
 
     merge_method: str
     slices: tuple[OutputSlice, ...]
@@ -352,7 +388,33 @@ def _tokenizer(raw: Mapping, where: str) -> TokenizerSettings | None:
 def parse_merge_config(
     raw: Mapping, *, config_dir: str | os.PathLike | None = None, text: str = "", source="<dict>"
 ) -> MergeConfig:
-    """Check a mergekit config (a dict as read from YAML) and locate every model."""
+    """Check a mergekit config (a dict as read from YAML) and locate every model.
+
+    Only the existence of the model directories is checked here (their files
+    are read by :func:`plan_merge`). Relative references are looked up in the
+    working directory, then in ``config_dir``. As in mergekit, a base model
+    that is not among ``models`` is added to them:
+
+    >>> import pathlib, tempfile
+    >>> from jaxcombine.merging.mergekit import parse_merge_config
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> for name in ("base-model", "math-ft"):
+    ...     (pathlib.Path(tmp.name) / name).mkdir()
+    >>> raw = {"merge_method": "ties", "base_model": "base-model",
+    ...        "models": [{"model": "math-ft", "parameters": {"weight": 1.0, "density": 0.5}}],
+    ...        "tokenizer_source": "union"}
+    >>> config = parse_merge_config(raw, config_dir=tmp.name)
+    >>> [(src.model, dict(src.parameters)) for src in config.slices[0].sources]
+    [('math-ft', {'weight': 1.0, 'density': 0.5}), ('base-model', {})]
+    >>> config.referenced(), config.tokenizer.source
+    (['base-model', 'math-ft'], 'union')
+    >>> parse_merge_config({**raw, "merge_method": "tiez"}, config_dir=tmp.name)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: merge_method: unknown merge method 'tiez'
+      How to fix: did you mean 'ties'?
+    >>> tmp.cleanup()
+    """
     _check_keys(raw, TOP_LEVEL_KEYS, "config")
     method = raw.get("merge_method")
     if not isinstance(method, str):
@@ -419,7 +481,29 @@ def parse_merge_config(
 
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
-    """Read and check a mergekit YAML file (models located on disk, nothing else read)."""
+    """Read and check a mergekit YAML file (models located on disk, nothing else read).
+
+    The schema is in the module docstring; errors name the file and the key.
+    A frankenmerge: layers 0-1 of ``model-a`` then layer 1 of ``model-b``:
+
+    >>> import pathlib, tempfile
+    >>> from jaxcombine.merging.mergekit import load_merge_config
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = pathlib.Path(tmp.name)
+    >>> for name in ("model-a", "model-b"):
+    ...     (root / name).mkdir()
+    >>> _ = (root / "franken.yml").write_text('''
+    ... merge_method: passthrough
+    ... slices:
+    ...   - sources: [{model: model-a, layer_range: [0, 2]}]
+    ...   - sources: [{model: model-b, layer_range: [1, 2]}]
+    ... dtype: bfloat16
+    ... ''')
+    >>> config = load_merge_config(root / "franken.yml")
+    >>> [s.sources[0].layer_range for s in config.slices], config.dtype
+    ([(0, 2), (1, 2)], dtype(bfloat16))
+    >>> tmp.cleanup()
+    """
     return _load_yaml(path, parse_merge_config, kind="merge", tool="mergekit")
 
 

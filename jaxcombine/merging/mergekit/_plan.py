@@ -60,7 +60,12 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 @dataclass(frozen=True)
 class Input:
-    """One input tensor: a model reference and a tensor name in it."""
+    """One input tensor: a model reference and a tensor name in it.
+
+    >>> from jaxcombine.merging.mergekit import Input
+    >>> Input("model-b", "model.layers.1.mlp.weight")
+    Input(model='model-b', tensor='model.layers.1.mlp.weight')
+    """
 
     model: str
     tensor: str
@@ -68,7 +73,12 @@ class Input:
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One output tensor and how to make it."""
+    """One output tensor and how to make it.
+
+    ``values`` are the leaf function's keywords for this tensor (every setting
+    resolved), ``t`` the layer position that gradients were evaluated at. See
+    :func:`plan_merge` for an example.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -110,7 +120,13 @@ class ModelFiles:
 
 @dataclass
 class MergePlan:
-    """Everything :func:`~jaxcombine.merging.mergekit.run_merge` needs, checked."""
+    """Everything :func:`~jaxcombine.merging.mergekit.run_merge` needs, checked.
+
+    ``tensors`` lists every output tensor in order, ``out_config`` is the
+    output's config.json; ``describe()`` is the ``--dry-run`` text. It holds
+    open file handles: ``run_merge`` or ``close()`` releases them. See
+    :func:`plan_merge` for an example.
+    """
 
     config: MergeConfig
     method: MergeMethod
@@ -484,7 +500,39 @@ def _out_config(config: MergeConfig, donor: ModelFiles, plan_tensors, layers, vo
 
 
 def plan_merge(config: MergeConfig) -> MergePlan:
-    """Check a config against the models' headers and list every output tensor."""
+    """Check a config against the models' headers and list every output tensor.
+
+    Reads config.json, tokenizer files and safetensors headers only (the rules
+    are in the module docstring). A frankenmerge of two two-layer models,
+    layers 0-1 of ``model-a`` then layer 1 of ``model-b``:
+
+    >>> import json, pathlib, tempfile
+    >>> import numpy as np
+    >>> from jaxcombine.hf import write_shards
+    >>> from jaxcombine.merging.mergekit import parse_merge_config, plan_merge
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = pathlib.Path(tmp.name)
+    >>> for name in ("model-a", "model-b"):
+    ...     (root / name).mkdir()
+    ...     _ = (root / name / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    ...     tensors = [(f"model.layers.{i}.mlp.weight", np.ones((2, 2), np.float32))
+    ...                for i in range(2)] + [("model.norm.weight", np.ones(2, np.float32))]
+    ...     _ = write_shards(tensors, root / name, max_shard_bytes=1 << 20)
+    >>> config = parse_merge_config({"merge_method": "passthrough", "slices": [
+    ...     {"sources": [{"model": "model-a", "layer_range": [0, 2]}]},
+    ...     {"sources": [{"model": "model-b", "layer_range": [1, 2]}]}]}, config_dir=root)
+    >>> plan = plan_merge(config)
+    >>> for t in plan.tensors:
+    ...     print(t.name, "<-", t.models[0].model, t.models[0].tensor)
+    model.layers.0.mlp.weight <- model-a model.layers.0.mlp.weight
+    model.layers.1.mlp.weight <- model-a model.layers.1.mlp.weight
+    model.layers.2.mlp.weight <- model-b model.layers.1.mlp.weight
+    model.norm.weight <- model-b model.norm.weight
+    >>> plan.out_config["num_hidden_layers"], plan.describe().splitlines()[0]
+    (3, 'merge_method: passthrough')
+    >>> plan.close()
+    >>> tmp.cleanup()
+    """
     from jaxcombine.merging._registry import SPECS
 
     method = SPECS[config.merge_method]

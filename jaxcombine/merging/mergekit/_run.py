@@ -298,7 +298,36 @@ def run_merge(
     ``seed`` keys the random methods (tensor keys are folded from it by tensor
     name). ``shard_threshold``: bytes above which a tensor's inputs are split
     over the local devices (default: a quarter of an accelerator's memory; never
-    on CPU).
+    on CPU). ``out_shard_size`` bounds each safetensors shard ("5B", "500MB" or
+    bytes); ``overwrite`` replaces an existing ``out_dir``.
+
+    A linear merge (weights 1 and 3: (1 * 1 + 3 * 5) / 4 = 4) written in bfloat16:
+
+    >>> import json, pathlib, tempfile
+    >>> import numpy as np
+    >>> from safetensors.numpy import load_file
+    >>> from jaxcombine.hf import write_shards
+    >>> from jaxcombine.merging.mergekit import parse_merge_config, plan_merge, run_merge
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = pathlib.Path(tmp.name)
+    >>> for name, value in [("model-a", 1.0), ("model-b", 5.0)]:
+    ...     (root / name).mkdir()
+    ...     _ = (root / name / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    ...     tensor = ("model.layers.0.mlp.weight", np.full((2, 2), value, np.float32))
+    ...     _ = write_shards([tensor], root / name, max_shard_bytes=1 << 20)
+    >>> config = parse_merge_config({"merge_method": "linear", "out_dtype": "bfloat16",
+    ...     "models": [{"model": "model-a", "parameters": {"weight": 1.0}},
+    ...                {"model": "model-b", "parameters": {"weight": 3.0}}]}, config_dir=root)
+    >>> summary = run_merge(plan_merge(config), root / "merged", progress=False)
+    >>> summary["tensors"], summary["shards"]
+    (1, 1)
+    >>> w = load_file(str(root / "merged" / "model.safetensors"))["model.layers.0.mlp.weight"]
+    >>> print(w.astype(np.float32), w.dtype)
+    [[4. 4.]
+     [4. 4.]] bfloat16
+    >>> json.loads((root / "merged" / "config.json").read_text())["torch_dtype"]
+    'bfloat16'
+    >>> tmp.cleanup()
     """
     start = time.perf_counter()
     max_bytes = parse_size(out_shard_size)

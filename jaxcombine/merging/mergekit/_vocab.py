@@ -71,7 +71,26 @@ def _usable_vocab(model: ModelFiles, tokenizer: Tokenizer) -> dict[str, int]:
 
 @dataclass
 class VocabPlan:
-    """The output tokenizer and, per model, where each output token's row comes from."""
+    """The output tokenizer and, per model, where each output token's row comes from.
+
+    ``perms[m][i]`` is model m's row for output token i, or -1 where m lacks the
+    token; :meth:`align` applies the fill rules of the module docstring. Made by
+    :func:`plan_merge` when the config sets a tokenizer. The base lacks "c"
+    and ``ft`` lacks "b": each takes the only model's row that has the token.
+
+    >>> import pathlib
+    >>> import numpy as np
+    >>> from tokenizers import Tokenizer, models
+    >>> from jaxcombine.merging.mergekit import VocabPlan
+    >>> vocab = {"a": 0, "b": 1, "c": 2}
+    >>> plan = VocabPlan(Tokenizer(models.WordLevel(vocab, unk_token="a")), vocab, 3,
+    ...                  perms={"base": np.array([0, 1, -1]), "ft": np.array([1, -1, 0])},
+    ...                  model_vocabs={"base": {"a": 0, "b": 1}, "ft": {"c": 0, "a": 1}},
+    ...                  tokens={}, base="base", source_dir=pathlib.Path("."))
+    >>> rows = plan.align({"base": np.array([[1.0], [2.0]]), "ft": np.array([[30.0], [10.0]])})
+    >>> print(rows["base"].ravel(), rows["ft"].ravel())
+    [ 1.  2. 30.] [10.  2. 30.]
+    """
 
     tokenizer: Tokenizer
     vocab: dict[str, int]  # output token -> id
