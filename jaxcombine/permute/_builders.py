@@ -26,7 +26,11 @@ Axes = dict[str, tuple[str | None, ...]]
 
 
 def dense_axes(name: str, p_in: str | None, p_out: str | None, *, bias: bool = True) -> Axes:
-    """A dense layer y = x W + b: ``name/kernel`` [in, out] and ``name/bias`` [out]."""
+    """A dense layer y = x W + b: ``name/kernel`` [in, out] and ``name/bias`` [out].
+
+    >>> dense_axes("layers/0", None, "h0")
+    {'layers/0/kernel': (None, 'h0'), 'layers/0/bias': ('h0',)}
+    """
     axes = {f"{name}/kernel": (p_in, p_out)}
     if bias:
         axes[f"{name}/bias"] = (p_out,)
@@ -37,9 +41,12 @@ def dense_chain_axes(names: Sequence[str], *, prefix: str = "hidden_", bias: boo
     """Dense layers applied in sequence: the input and output are not permuted,
     the units between layer k and k+1 by permutation ``f"{prefix}{k}"``.
 
-    ``dense_chain_axes(["layers/0", "layers/1", "head"])`` gives
-    layers/0: (None, hidden_0), layers/1: (hidden_0, hidden_1), head: (hidden_1, None).
     Elementwise activations between the layers commute with permutations.
+
+    >>> axes = dense_chain_axes(["layers/0", "layers/1", "head"], bias=False)
+    >>> axes
+    {'layers/0/kernel': (None, 'hidden_0'), 'layers/1/kernel': ('hidden_0', 'hidden_1'),
+     'head/kernel': ('hidden_1', None)}
     """
     perms = [None, *(f"{prefix}{k}" for k in range(len(names) - 1)), None]
     axes: Axes = {}
@@ -67,6 +74,17 @@ def residual_block_axes(
     ([hidden, residual]). ``norm`` names a normalisation with a per-unit
     ``scale`` (RMSNorm); normalisations over all units are permutation
     invariant. Paths are ``f"{prefix}/{layer}/kernel"``.
+
+    A SwiGLU MLP block (Llama's), down(silu(gate x) * up x):
+
+    >>> axes = residual_block_axes("layers/0", "res", "mlp_0", inputs=("mlp/gate", "mlp/up"),
+    ...                            output="mlp/down", norm="norm")
+    >>> for path, entry in axes.items():
+    ...     print(path, entry)
+    layers/0/norm/scale ('res',)
+    layers/0/mlp/gate/kernel ('res', 'mlp_0')
+    layers/0/mlp/up/kernel ('res', 'mlp_0')
+    layers/0/mlp/down/kernel ('mlp_0', 'res')
     """
     axes: Axes = {}
     if norm is not None:
@@ -110,6 +128,15 @@ def mlp_classifier_spec(params_or_model: PyTree) -> PermutationSpec:
     Hidden layer k's units (``layers/k`` output, ``layers/k+1`` or ``head``
     input) are permutation ``hidden_k``; inputs and classes are not permuted
     (a classifier without hidden layers has no permutations).
+
+    Shapes suffice, so an abstract model works:
+
+    >>> from flax import nnx
+    >>> from jaxcombine.models import MLPClassifier
+    >>> model = nnx.eval_shape(lambda: MLPClassifier(2, (8, 8), 3, rngs=nnx.Rngs(0)))
+    >>> spec = mlp_classifier_spec(model)
+    >>> spec.axes["layers/1/kernel"], spec.sizes(model)
+    (('hidden_0', 'hidden_1'), {'hidden_0': 8, 'hidden_1': 8})
     """
     shapes = _shapes(params_or_model)
     n = _layer_count(
@@ -135,6 +162,14 @@ def decoder_spec(params_or_model: PyTree, *, heads: bool = False) -> Permutation
       ``num_heads == num_kv_heads``: with grouped-query attention a query
       head's key/value head is fixed by its index. Dimensions inside a head are
       not permuted (RoPE pairs them).
+
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    >>> spec = decoder_spec(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), heads=True)
+    >>> spec.names, spec.axes["layers/1/self_attn/o_proj/kernel"]       # [H, D, E]
+    (('heads_0', 'heads_1', 'mlp_0', 'mlp_1', 'residual'), ('heads_1', None, 'residual'))
     """
     shapes = _shapes(params_or_model)
     n = _layer_count(shapes, r"layers/(\d+)/self_attn/", "Decoder")

@@ -85,11 +85,23 @@ def weight_matching(
       ``apply_permutation(spec, perms, params_b)`` is aligned with ``params_a``
       (and computes the same function as ``params_b``).
 
-    Example::
+    A shuffled copy of ``params_a`` is matched back exactly, so the composed
+    permutation is the identity:
 
-        spec = mlp_classifier_spec(params_a)
-        perms = weight_matching(spec, params_a, params_b, key=jax.random.key(0))
-        merged = tree.lerp(params_a, apply_permutation(spec, perms, params_b), 0.5)
+    >>> import numpy as np
+    >>> from jaxcombine.permute import apply_permutation, dense_chain_axes, random_perms
+    >>> rng = np.random.default_rng(0)
+    >>> params_a = {"layers": [{"kernel": rng.normal(size=(3, 8)), "bias": rng.normal(size=8)}],
+    ...             "head": {"kernel": rng.normal(size=(8, 2)), "bias": rng.normal(size=2)}}
+    >>> spec = PermutationSpec(dense_chain_axes(["layers/0", "head"]))
+    >>> shuffle = random_perms(spec, params_a, jax.random.key(0))
+    >>> params_b = apply_permutation(spec, shuffle, params_a)
+    >>> perms = weight_matching(spec, params_a, params_b, key=jax.random.key(1))
+    >>> print(shuffle["hidden_0"][perms["hidden_0"]])
+    [0 1 2 3 4 5 6 7]
+
+    To merge two models: ``jaxcombine.tree.lerp(params_a,
+    apply_permutation(spec, perms, params_b), 0.5)``.
     """
     sizes = spec.sizes(params_a, name="params_a")
     spec.sizes(params_b, name="params_b")
@@ -135,6 +147,17 @@ def cost_matrix(
 
     ``a``, ``b``: path -> array; W_B has every other axis permuted by ``perms``.
     C[i, j] is the gain of putting B's unit j at A's position i.
+
+    One kernel [in, h] and one bias [h]: C = W_A^T W_B + b_A b_B^T.
+
+    >>> import numpy as np
+    >>> spec = PermutationSpec({"k": (None, "h"), "b": ("h",)})
+    >>> rng = np.random.default_rng(0)
+    >>> a = {"k": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}
+    >>> b = {"k": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}
+    >>> c = cost_matrix(spec, "h", a, b, {"h": jnp.arange(4)})
+    >>> np.allclose(c, a["k"].T @ b["k"] + np.outer(a["b"], b["b"]), atol=1e-5)
+    True
     """
     total = None
     for path, axis in spec.perm_to_axes[name]:

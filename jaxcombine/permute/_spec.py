@@ -48,7 +48,13 @@ Axes = tuple[str | None, ...]
 
 
 class PermutationSpecError(ConfigError):
-    """A permutation spec does not fit the parameters, or permutations do not fit the spec."""
+    """A permutation spec does not fit the parameters, or permutations do not fit the spec.
+
+    >>> PermutationSpec({"w": (None, "h")}).sizes({"w": jnp.zeros(3)})
+    Traceback (most recent call last):
+    ...
+    jaxcombine.permute._spec.PermutationSpecError: permutation spec: w: the spec gives 2 axes ...
+    """
 
 
 def _is_variable(x) -> bool:
@@ -89,6 +95,14 @@ class PermutationSpec:
       names: the permutation names, sorted.
 
     The spec is hashable, so it can be a static argument of ``jax.jit``.
+
+    >>> spec = PermutationSpec({"layers/0/kernel": (None, "h"), "layers/0/bias": ("h",),
+    ...                         "head/kernel": ("h", None), "head/bias": None})
+    >>> spec.perm_to_axes
+    {'h': [('head/kernel', 0), ('layers/0/bias', 0), ('layers/0/kernel', 1)]}
+    >>> spec.sizes({"layers": [{"kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(5)}],
+    ...             "head": {"kernel": jnp.zeros((5, 2)), "bias": jnp.zeros(2)}})
+    {'h': 5}
     """
 
     def __init__(self, axes: Mapping[str, Axes | None]):
@@ -216,12 +230,23 @@ class PermutationSpec:
 
 
 def identity_perms(spec: PermutationSpec, params: PyTree) -> dict[str, jax.Array]:
-    """The identity permutation for every name in ``spec`` (int32 ``arange``)."""
+    """The identity permutation for every name in ``spec`` (int32 ``arange``).
+
+    >>> spec = PermutationSpec({"w": (None, "h")})
+    >>> identity_perms(spec, {"w": jnp.zeros((2, 3))})
+    {'h': Array([0, 1, 2], dtype=int32)}
+    """
     return {name: jnp.arange(size, dtype=jnp.int32) for name, size in spec.sizes(params).items()}
 
 
 def random_perms(spec: PermutationSpec, params: PyTree, key: jax.Array) -> dict[str, jax.Array]:
-    """An independent uniformly random permutation for every name in ``spec``."""
+    """An independent uniformly random permutation for every name in ``spec``.
+
+    >>> spec = PermutationSpec({"w": (None, "h")})
+    >>> perm = random_perms(spec, {"w": jnp.zeros((2, 5))}, jax.random.key(0))["h"]
+    >>> sorted(perm.tolist())
+    [0, 1, 2, 3, 4]
+    """
     return _random_perms(key, tuple(spec.sizes(params).items()))
 
 
@@ -235,7 +260,11 @@ def _random_perms(key, sizes):
 
 
 def invert_perms(perms: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """The inverse of every permutation: ``inv[perm[i]] = i``."""
+    """The inverse of every permutation: ``inv[perm[i]] = i``.
+
+    >>> invert_perms({"h": jnp.array([2, 0, 1])})["h"]
+    Array([1, 2, 0], dtype=int32)
+    """
     return {name: jnp.argsort(p).astype(jnp.int32) for name, p in perms.items()}
 
 
@@ -246,6 +275,13 @@ def compose_perms(
 
     ``apply_permutation(spec, outer, apply_permutation(spec, inner, p))`` equals
     ``apply_permutation(spec, compose_perms(outer, inner), p)``.
+
+    >>> spec, p = PermutationSpec({"v": ("h",)}), {"v": jnp.array([10, 20, 30])}
+    >>> outer, inner = {"h": jnp.array([1, 2, 0])}, {"h": jnp.array([2, 1, 0])}
+    >>> apply_permutation(spec, outer, apply_permutation(spec, inner, p))["v"]
+    Array([20, 10, 30], dtype=int32)
+    >>> apply_permutation(spec, compose_perms(outer, inner), p)["v"]
+    Array([20, 10, 30], dtype=int32)
     """
     return {name: jnp.asarray(inner[name])[jnp.asarray(outer[name])] for name in outer}
 
@@ -269,13 +305,26 @@ def apply_permutation(
 
     with P_a = ``perms[p_a]`` (the identity where p_a is None). The output has
     the structure of ``params`` (a dict or an ``nnx.State``). A consistent spec
-    makes the permuted network compute the same function.
+    makes the permuted network compute the same function:
 
-    Example::
+    >>> from jaxcombine.permute import dense_chain_axes
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> params = {"layers": [{"kernel": rng.normal(size=(3, 5)), "bias": rng.normal(size=5)}],
+    ...           "head": {"kernel": rng.normal(size=(5, 2)), "bias": rng.normal(size=2)}}
+    >>> spec = PermutationSpec(dense_chain_axes(["layers/0", "head"]))
+    >>> permuted = apply_permutation(spec, {"hidden_0": jnp.array([4, 3, 2, 1, 0])}, params)
+    >>> np.allclose(permuted["layers"][0]["bias"], params["layers"][0]["bias"][::-1])
+    True
+    >>> def mlp(p, x):
+    ...     hidden = np.maximum(x @ p["layers"][0]["kernel"] + p["layers"][0]["bias"], 0)
+    ...     return hidden @ p["head"]["kernel"] + p["head"]["bias"]
+    >>> x = rng.normal(size=(4, 3))
+    >>> np.allclose(mlp(params, x), mlp(jax.tree.map(np.asarray, permuted), x))
+    True
 
-        spec = mlp_classifier_spec(params)
-        perms = random_perms(spec, params, jax.random.key(0))
-        same_function = jax.jit(apply_permutation, static_argnums=0)(spec, perms, params)
+    Under ``jax.jit`` the spec is static:
+    ``jax.jit(apply_permutation, static_argnums=0)(spec, perms, params)``.
     """
     sizes = spec.sizes(params)
     spec.check_perms(perms, sizes)
