@@ -10,17 +10,11 @@ The compiler then partitions the computation from these annotations (GSPMD,
 Xu et al. 2021, arXiv:2105.04663). A dimension of size n mapped to mesh axes
 of total size k holds n / k entries on each device.
 
->>> import jax, jax.numpy as jnp, numpy as np
->>> from flax import nnx
->>> from jaxcombine.sharding import shard_model
->>> class MLP(nnx.Module):
-...     def __init__(self):
-...         self.up = nnx.Param(jnp.ones((4, 8)), out_sharding=("embed", "mlp"),
-...                             eager_sharding=False)
->>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
->>> model = shard_model(MLP(), mesh)         # params placed by DEFAULT_RULES
->>> model.up[...].sharding.spec, model.up[...].addressable_shards[0].data.shape  # 8 / 4
-(P(None, 'model'), (4, 2))
+>>> from jax.sharding import AbstractMesh
+>>> from jaxcombine.sharding import partition_spec
+>>> mesh = AbstractMesh((2, 4), ("data", "model"))
+>>> partition_spec(("embed", "mlp"), (16, 64), mesh)     # an MLP kernel: 64 / 4 per device
+P(None, 'model')
 """
 
 from __future__ import annotations
@@ -132,8 +126,19 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
     """Place ``model``'s parameters on ``mesh`` according to their logical axes (in place).
 
     Returns ``model`` itself, each variable moved by ``jax.device_put`` to its
-    :func:`state_shardings` entry; the values are unchanged (see the module
-    example).
+    :func:`state_shardings` entry; the values are unchanged.
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from flax import nnx
+    >>> from jaxcombine.sharding import shard_model
+    >>> class MLP(nnx.Module):
+    ...     def __init__(self):
+    ...         self.up = nnx.Param(jnp.ones((4, 8)), out_sharding=("embed", "mlp"),
+    ...                             eager_sharding=False)
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    >>> model = shard_model(MLP(), mesh)         # params placed by DEFAULT_RULES
+    >>> model.up[...].sharding.spec, model.up[...].addressable_shards[0].data.shape  # 8 / 4
+    (P(None, 'model'), (4, 2))
     """
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh, rules)
