@@ -27,40 +27,7 @@ The step's key is ``fold_in(key(seed), step)``: resumed or not, step t sees
 the same key, the same batch and the same state, so a resumed run ends with
 bitwise the parameters of an uninterrupted one.
 
-Least squares by gradient descent on 2 devices, checked against the update
-w <- w - lr * 2 X^T (X w - y) / N written out in numpy; then resumed from
-its checkpoint at step 3 up to step 5:
-
->>> import shutil, tempfile, jax, jax.numpy as jnp, numpy as np, optax
->>> from flax import nnx
->>> from jaxcombine.training import read_metrics, train
->>> class Linear(nnx.Module):
-...     def __init__(self):
-...         self.w = nnx.Param(jnp.zeros(2))
->>> x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]], np.float32)
->>> y = x @ np.array([1.0, -2.0], np.float32)
->>> def loss_fn(params, batch, key, constants):
-...     return jnp.mean((batch["x"] @ params["w"][...] - batch["y"]) ** 2), {}
->>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
->>> workdir = tempfile.mkdtemp()
->>> run = lambda steps: train(
-...     loss_fn, nnx.state(Linear(), nnx.Param), optax.sgd(0.1), lambda step: {"x": x, "y": y},
-...     mesh=mesh, workdir=workdir, job={"kind": "least squares"}, steps=steps,
-...     global_batch=4, log_every=1, progress=False)
->>> w = np.zeros(2)
->>> for _ in range(3):
-...     w -= 0.1 * 2 * x.T @ (x @ w - y) / len(y)
->>> bool(np.allclose(run(3)["w"][...], w))
-True
->>> for _ in range(2):
-...     w -= 0.1 * 2 * x.T @ (x @ w - y) / len(y)
->>> bool(np.allclose(run(5)["w"][...], w))              # resumes at step 3
-True
->>> [r["step"] for r in read_metrics(workdir)], round(read_metrics(workdir)[0]["loss"], 4)
-([1, 2, 3, 4, 5], 1.5)
->>> shutil.rmtree(workdir)
-
-(The first loss is mean(y^2) = (1 + 4 + 1 + 0) / 4 = 1.5.)
+See :func:`train` for a run that resumes, checked against numpy.
 """
 
 from __future__ import annotations
@@ -239,11 +206,45 @@ def train(
     progress: bool = True,
 ) -> Any:
     """Train ``params`` for ``steps`` steps (resuming from ``workdir``); returns the
-    final parameters (see the module docstring for the steps and a run that
-    resumes).
+    final parameters (the steps are listed in the module docstring).
 
     ``batch_at(step)`` returns this process's ``global_batch // process_count``
     rows; ``tokens_per_row`` only scales the tokens/s shown and logged.
+
+    Least squares by gradient descent on 2 devices, checked against the update
+    w <- w - lr * 2 X^T (X w - y) / N written out in numpy; then resumed from
+    its checkpoint at step 3 up to step 5:
+
+    >>> import shutil, tempfile, jax, jax.numpy as jnp, numpy as np, optax
+    >>> from flax import nnx
+    >>> from jaxcombine.training import read_metrics, train
+    >>> class Linear(nnx.Module):
+    ...     def __init__(self):
+    ...         self.w = nnx.Param(jnp.zeros(2))
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]], np.float32)
+    >>> y = x @ np.array([1.0, -2.0], np.float32)
+    >>> def loss_fn(params, batch, key, constants):
+    ...     return jnp.mean((batch["x"] @ params["w"][...] - batch["y"]) ** 2), {}
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    >>> workdir = tempfile.mkdtemp()
+    >>> run = lambda steps: train(
+    ...     loss_fn, nnx.state(Linear(), nnx.Param), optax.sgd(0.1), lambda step: {"x": x, "y": y},
+    ...     mesh=mesh, workdir=workdir, job={"kind": "least squares"}, steps=steps,
+    ...     global_batch=4, log_every=1, progress=False)
+    >>> w = np.zeros(2)
+    >>> for _ in range(3):
+    ...     w -= 0.1 * 2 * x.T @ (x @ w - y) / len(y)
+    >>> bool(np.allclose(run(3)["w"][...], w))
+    True
+    >>> for _ in range(2):
+    ...     w -= 0.1 * 2 * x.T @ (x @ w - y) / len(y)
+    >>> bool(np.allclose(run(5)["w"][...], w))              # resumes at step 3
+    True
+    >>> [r["step"] for r in read_metrics(workdir)], round(read_metrics(workdir)[0]["loss"], 4)
+    ([1, 2, 3, 4, 5], 1.5)
+    >>> shutil.rmtree(workdir)
+
+    (The first loss is mean(y^2) = (1 + 4 + 1 + 0) / 4 = 1.5.)
     """
     check_global_batch(global_batch, mesh)
     if log_every < 1 or checkpoint_every < 1:
