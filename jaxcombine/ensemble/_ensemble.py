@@ -61,7 +61,27 @@ _MASKED = -1e9  # logit of a token outside the shared vocabulary, before the rul
 @dataclasses.dataclass(frozen=True, eq=False)
 class MCDropout:
     """``samples`` ensemble members that are ``model`` with dropout at ``rate``
-    (default: the model's ``dropout_rate``) kept on while decoding."""
+    (default: the model's ``dropout_rate``) kept on while decoding.
+
+    Gal & Ghahramani 2016 (arXiv:1506.02142): averaging predictions over
+    dropout masks approximates the Bayesian predictive distribution.
+    Residual dropout zeroes each entry with probability ``rate`` and scales
+    the rest by ``1 / (1 - rate)``; every forward call draws fresh masks.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import ensemble
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> ens = ensemble([MCDropout(Decoder(config, rngs=nnx.Rngs(0)), samples=3, rate=0.1)])
+    >>> ens.forward.num_members
+    3
+    >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    >>> z, _, _ = ens.forward.member_outputs(ens.params, tokens, tokens > 0, None)
+    >>> z.shape, bool(jnp.allclose(z[0], z[1]))                # members differ by their masks
+    ((3, 1, 8, 16), False)
+    """
 
     model: Decoder
     samples: int
@@ -86,7 +106,28 @@ class EnsembleCache(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class EnsembleForward:
     """The forward of an ensemble of groups (see the module docstring); params are
-    ``{"groups", "token_maps", "shared", "prior", "gate", "key"}``."""
+    ``{"groups", "token_maps", "shared", "prior", "gate", "key"}``.
+
+    Built by :func:`ensemble`. With constant coefficients and members of one
+    architecture it computes what :class:`StackedForward` computes:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> from jaxcombine.ensemble import ensemble, stacked
+    >>> ens, ref = ensemble(members), stacked(members)         # uniform linear rule
+    >>> ens.forward.num_members, ens.forward.coefficients
+    (2, 'constant')
+    >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    >>> a, _ = ens.forward(ens.params, tokens, tokens > 0, None)
+    >>> b, _ = ref.forward(ref.params, tokens, tokens > 0, None)
+    >>> bool(jnp.allclose(a, b, atol=1e-6))
+    True
+    """
 
     groups: tuple[_Group, ...]
     combination: Combination
@@ -259,7 +300,19 @@ def _dropout_group(spec: MCDropout):
 
 def shared_vocabulary(vocabularies: Sequence[Mapping[str, int] | None], sizes, min_shared):
     """(token maps: per member None or [V_1] its id of each first-member id,
-    shared [V_1] bool) for vocabularies given as token string -> id."""
+    shared [V_1] bool) for vocabularies given as token string -> id.
+
+    Token ``i`` of the first vocabulary is shared when its string is in every
+    other vocabulary (with an id below that member's ``size``); ``map[i]`` is
+    then that id (0 for tokens not shared). Fewer than ``min_shared`` shared
+    is a :class:`ConfigError`.
+
+    >>> first = {"a": 0, "b": 1, "c": 2}
+    >>> other = {"c": 0, "a": 1, "z": 2}
+    >>> maps, shared = shared_vocabulary([first, other], sizes=[3, 3], min_shared=0.5)
+    >>> maps[0], maps[1].tolist(), shared.tolist()            # "b" is not in the other
+    (None, [1, 0, 0], [True, False, True])
+    """
     first = vocabularies[0]
     if first is None:
         raise ConfigError(
@@ -308,13 +361,29 @@ def ensemble(
     members, vocabularies mapped by string, constant, posterior or gated weights.
     ``combination.weights`` give the constant weights, or the posterior's prior.
 
-    Example::
+    Bayesian model averaging (``coefficients="posterior"``): at position t
+    the weights are ``softmax_i(log prior_i + sum_{1<=s<=t} log p_i(x_s | x_<s))``.
 
-        ens = ensemble([llama, qwen], Combination("linear"),
-                       vocabularies=[tok_a.get_vocab(), tok_b.get_vocab()])
-        generate(ens, prompts)
-        ensemble([MCDropout(model, samples=8, rate=0.1)])
-        ensemble([a, b, c], coefficients="posterior")
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> ens = ensemble(members, Combination("linear"), coefficients="posterior")
+    >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    >>> log_p, _ = ens.forward(ens.params, tokens, tokens > 0, None)   # [B, T, V]
+    >>> lp = jax.nn.log_softmax(jnp.stack([m(tokens).logits[0] for m in members]))
+    >>> evidence = sum(lp[:, t - 1, tokens[0, t]] for t in range(1, 8))   # [N], at t = 7
+    >>> w = jax.nn.softmax(evidence)                                       # uniform prior
+    >>> ref = jnp.log(w[0] * jnp.exp(lp[0, 7]) + w[1] * jnp.exp(lp[1, 7]))
+    >>> bool(jnp.allclose(log_p[0, 7], ref, atol=1e-5))
+    True
+
+    Models with other tokenizers: ``ensemble([llama, qwen],
+    vocabularies=[tok_a.get_vocab(), tok_b.get_vocab()])`` (see
+    :func:`shared_vocabulary`); MC dropout: ``ensemble([MCDropout(model, 8)])``.
     """
     members = list(members)
     if not members:

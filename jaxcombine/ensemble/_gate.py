@@ -66,12 +66,22 @@ class Gate(nnx.Module):
     """Softmax weights over N members from their hidden states [N, ..., E].
 
     A new gate gives every member the weight 1/N (its output layer is zero);
-    :func:`train_gate` moves it from there.
+    :func:`train_gate` moves it from there. The weights are
+    ``softmax(W_2 gelu(W_1 [h_1; ...; h_N] + b_1) + b_2)`` (module docstring).
 
-    Example::
-
-        gate = Gate(num_members=2, hidden_size=32, rngs=nnx.Rngs(0))
-        weights = gate(hidden)          # hidden [2, B, T, 32] -> weights [2, B, T]
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> gate = Gate(num_members=2, hidden_size=8, width=4, rngs=nnx.Rngs(0))
+    >>> hidden = jax.random.normal(jax.random.key(0), (2, 1, 3, 8))   # [N, B, T, E]
+    >>> gate(hidden).tolist()                                          # [N, B, T], uniform
+    [[[0.5, 0.5, 0.5]], [[0.5, 0.5, 0.5]]]
+    >>> gate.out.kernel.set_value(jax.random.normal(jax.random.key(1), (4, 2)))  # as if trained
+    >>> p = nnx.to_pure_dict(nnx.state(gate))
+    >>> x = jnp.concatenate([hidden[0], hidden[1]], axis=-1)          # [B, T, N*E]
+    >>> W1 = p["hidden"]["kernel"].reshape(16, 4)                      # [N, E, width] -> [N*E, width]
+    >>> g = jax.nn.gelu(x @ W1 + p["hidden"]["bias"]) @ p["out"]["kernel"] + p["out"]["bias"]
+    >>> bool(jnp.allclose(gate(hidden), jnp.moveaxis(jax.nn.softmax(g), -1, 0), atol=1e-6))
+    True
     """
 
     def __init__(
@@ -131,7 +141,17 @@ class Gate(nnx.Module):
 
 def gate_weights(gate_graphdef: Any, gate_params: Any, hidden: jax.Array) -> jax.Array:
     """Weights [N, ...] of a split gate (``nnx.split(gate)``) for hidden states
-    [N, ..., E]; a pure function for jitted decode loops."""
+    [N, ..., E]; a pure function for jitted decode loops.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> gate = Gate(num_members=3, hidden_size=8, rngs=nnx.Rngs(0))
+    >>> graphdef, params = nnx.split(gate)
+    >>> hidden = jnp.ones((3, 2, 8))                                   # [N, B, E]
+    >>> weights = jax.jit(gate_weights, static_argnums=0)(graphdef, params, hidden)
+    >>> weights.shape, bool(jnp.allclose(weights, 1 / 3))              # a new gate: uniform
+    ((3, 2), True)
+    """
     return nnx.merge(gate_graphdef, gate_params)(hidden)
 
 
@@ -272,12 +292,26 @@ def train_gate(
     ``forward.combination``. Compilations are shared between calls with the
     same ``forward``, gate architecture, ``rule`` and batch shape.
 
-    Example::
+    A few steps on one sequence; ``losses[0]`` is the uniform mixture's NLL:
 
-        graphdef, params = stack_members([model_a, model_b])
-        gate = Gate(2, model_a.config.hidden_size, rngs=nnx.Rngs(0))
-        gate, losses = train_gate(gate, StackedForward(graphdef, Combination()),
-                                  params, sequences, steps=200)
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.ensemble import Combination
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
+    >>> from jaxcombine.ensemble import StackedForward, stack_members
+    >>> graphdef, params = stack_members(members)
+    >>> ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    >>> gate = Gate(2, config.hidden_size, rngs=nnx.Rngs(0))
+    >>> trained, losses = train_gate(gate, StackedForward(graphdef, Combination()), params,
+    ...                              [ids], steps=5)
+    >>> z = jnp.stack([m(jnp.array([ids])).logits[0] for m in members])
+    >>> p = jax.nn.softmax(z).mean(0)                                  # uniform linear rule
+    >>> ref = -sum(float(jnp.log(p[t - 1, ids[t]])) for t in range(1, 8)) / 7
+    >>> len(losses), abs(losses[0] - ref) < 1e-5, losses[-1] < losses[0]
+    (5, True, True)
     """
     import optax  # imported where used, as in merging.adamerging
 
