@@ -308,10 +308,22 @@ def cascade_generate(
     same ``seed`` when sampling: both use the decode loop's key sequence).
     EOS and pad ids default to the large model's.
 
-    Example::
+    The two ends, on a large model and its one-layer draft as the small one:
 
-        out = cascade_generate(small, large, [prompt], threshold=0.5, max_new_tokens=32)
-        out.tokens, out.deferred, out.large_calls
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import generate, layer_skip_draft
+    >>> small = layer_skip_draft(model, 1)
+    >>> never = cascade_generate(small, model, [[1, 2, 3]], threshold=0.0, max_new_tokens=5)
+    >>> never.tokens == generate(small, [[1, 2, 3]], max_new_tokens=5), never.large_calls
+    (True, 0)
+    >>> always = cascade_generate(small, model, [[1, 2, 3]], threshold=1.1, max_new_tokens=5)
+    >>> always.tokens == generate(model, [[1, 2, 3]], max_new_tokens=5), always.deferred
+    (True, 1.0)
     """
     small, large = Decodable.of(small), Decodable.of(large)
     check_cascade(small, large, threshold, confidence, mode)
@@ -360,7 +372,20 @@ def _continuation_nll(forward, params, tokens, mask, scored):
 
 def continuation_nll(model: Decoder | Decodable, prompts, continuations) -> float:
     """Mean NLL per token of each continuation given its prompt under ``model``:
-    ``-(1 / sum_b n_b) sum_b sum_t log p(y_bt | prompt_b, y_b<t)``."""
+    ``-(1 / sum_b n_b) sum_b sum_t log p(y_bt | prompt_b, y_b<t)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> nll = continuation_nll(model, [[1, 2, 3]], [[4, 5, 6, 7, 8]])
+    >>> lp = jax.nn.log_softmax(model(jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])).logits[0])
+    >>> ref = -sum(float(lp[t - 1, t + 1]) for t in range(3, 8)) / 5   # token at t is t + 1
+    >>> abs(nll - ref) < 1e-5
+    True
+    """
     model = Decodable.of(model)
     rows = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
     length = bucket_length(max(len(r) for r in rows))
@@ -409,9 +434,22 @@ def cascade_sweep(
     path, and with it the later confidences, so it need not be monotone.
     :func:`format_sweep` prints the rows as a table.
 
-    Example::
+    Above threshold 1 every token is deferred, and the output is the large
+    model's own (agreement 1):
 
-        print(format_sweep(cascade_sweep(small, large, prompts, [0, 0.3, 0.6, 1.1])))
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> from jaxcombine.decoding import layer_skip_draft
+    >>> rows = cascade_sweep(layer_skip_draft(model, 1), model, [[1, 2, 3]], [0.0, 1.1],
+    ...                      max_new_tokens=5)
+    >>> [(r["threshold"], r["deferred"], r["agreement"]) for r in rows][1]
+    (1.1, 1.0, 1.0)
+    >>> rows[0]["large_calls"], rows[0]["nll"] > rows[1]["nll"]      # the large model's own
+    (0, True)
     """
     small, large = Decodable.of(small), Decodable.of(large)
     check_cascade(small, large, list(thresholds), confidence, mode)
