@@ -9,11 +9,20 @@
 * Task-vector algebra, uniform and greedy soups, running average and EMA.
 * Data-aware merging: Fisher-weighted, RegMean, AdaMerging.
 
-Example::
+Each function's docstring gives its formula, its paper and a runnable example;
+``docs/merging.md`` is the guide to choosing a method. Python keywords
+(``weights=[...]``) or mergekit's parameter dicts give the same merge:
 
-    from jaxcombine import merging
-    merged = merging.ties(base, [ft_a, ft_b], weights=[1, 1], densities=[0.2, 0.2])
-    merged = merging.merge("slerp", [other], base=base, parameters={"t": [0, 0.5, 1]})
+>>> import jax.numpy as jnp
+>>> from jaxcombine import merging
+>>> base = {"w": jnp.zeros(3)}
+>>> ft_a, ft_b = {"w": jnp.array([1.0, -2.0, 0.5])}, {"w": jnp.array([3.0, 1.0, 0.0])}
+>>> print(merging.ties(base, [ft_a, ft_b], weights=[1, 1], densities=[1.0, 1.0])["w"])
+[ 2.  -2.   0.5]
+>>> merged = merging.merge("ties", [ft_a, ft_b], base=base,
+...                        model_parameters=[{"weight": 1, "density": 1.0}] * 2)
+>>> print(merged["w"])
+[ 2.  -2.   0.5]
 """
 
 from jaxcombine.merging._adamerging import (
