@@ -21,13 +21,18 @@ from jaxcombine.models._layers import Dense, dropout
 
 
 class MLPClassifier(nnx.Module):
-    """An MLP with ReLU hidden layers and optional dropout.
+    """An MLP with ReLU hidden layers and optional dropout (hidden kernels
+    N(0, 2 / fan_in), head N(0, 1 / fan_in), zero biases); dropout only with a
+    ``dropout_key`` (MC dropout, Gal & Ghahramani 2016, arXiv:1506.02142).
 
-    Example::
-
-        model = MLPClassifier(in_features=2, hidden_sizes=(64, 64), num_classes=3,
-                              rngs=nnx.Rngs(0))
-        logits = model(jnp.ones((8, 2)))                     # [8, 3]
+    >>> import numpy as np
+    >>> model = MLPClassifier(in_features=2, hidden_sizes=(4,), num_classes=3, rngs=nnx.Rngs(0))
+    >>> x = jnp.array([[1.0, -2.0], [0.5, 3.0]])
+    >>> logits = model(x)                                          # [2, 3]
+    >>> w0, b0 = model.layers[0].kernel[...], model.layers[0].bias[...]
+    >>> w1, b1 = model.head.kernel[...], model.head.bias[...]
+    >>> logits.shape, np.allclose(logits, np.maximum(x @ w0 + b0, 0) @ w1 + b1, atol=1e-6)
+    ((2, 3), True)
     """
 
     def __init__(

@@ -29,6 +29,12 @@ class RopeConfig:
     ``default``: inv_freq_i = theta^(-2i/d). ``linear``: inv_freq / factor.
     ``llama3``: Llama 3.1's frequency-dependent scaling (long wavelengths
     divided by ``factor``, short ones kept, a smooth ramp in between).
+
+    >>> from jaxcombine.models._rope import inverse_frequencies
+    >>> print(inverse_frequencies(RopeConfig(), head_dim=4))      # 10000^(-0/4), 10000^(-2/4)
+    [1.   0.01]
+    >>> print(inverse_frequencies(RopeConfig(type="linear", factor=2.0), head_dim=4))
+    [0.5   0.005]
     """
 
     theta: float = 10000.0
@@ -54,6 +60,16 @@ class DecoderConfig:
     replaces the dense MLP on every ``moe_layer_step``-th layer (layers
     ``i`` with ``(i + 1) % moe_layer_step == 0``, Qwen2-MoE's
     ``decoder_sparse_step``); HF ``mixtral`` is ``moe_layer_step=1``.
+
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=4, num_kv_heads=2, head_dim=2, sliding_window=4,
+    ...                        layer_types=("sliding_attention", "full_attention"))
+    >>> config.num_groups, config.window_of_layer(0), config.window_of_layer(1)
+    (2, 4, None)
+    >>> DecoderConfig(16, 8, 8, 2, 2, 3, 4)
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.ConfigError: config key 'num_key_value_heads': num_attention_heads=2 ...
     """
 
     vocab_size: int

@@ -44,6 +44,7 @@ class KVCache(NamedTuple):
 
     Rows are aligned: slot ``next_index`` is written next in every row, and a
     left-padded prompt leaves its padding slots invalid in ``key_valid``.
+    Made by :func:`init_cache`, which has an example.
     """
 
     keys: tuple[jax.Array, ...]  # L x [B, K, S, D]
@@ -58,7 +59,17 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache with ``max_length`` slots per row."""
+    """An empty cache with ``max_length`` slots per row.
+
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    >>> cache = init_cache(config, batch=2, max_length=8)
+    >>> len(cache.keys), cache.keys[0].shape, cache.max_length, int(cache.next_index)
+    (2, (2, 2, 8, 4), 8, 0)
+
+    Decoding appends to it: ``out = model(prompt, cache=cache)`` then
+    ``model(next_token, cache=out.cache)`` (``jaxcombine.decoding.generate``).
+    """
     shape = (batch, config.num_kv_heads, max_length, config.head_dim)  # the attention dots' layout
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -70,6 +81,12 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.flo
 
 
 class DecoderOutput(NamedTuple):
+    """What :class:`Decoder` returns (example there).
+
+    >>> DecoderOutput._fields
+    ('logits', 'hidden', 'cache', 'moe_aux')
+    """
+
     logits: jax.Array  # [B, T, V]
     hidden: jax.Array  # [B, T, E], after the final norm
     cache: KVCache | None
@@ -187,14 +204,23 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """The decoder-only language model.
+    """The decoder-only language model (Llama: Touvron et al. 2023, arXiv:2302.13971;
+    Mistral: arXiv:2310.06825; Qwen2: arXiv:2407.10671).
 
-    Example::
+    With tied embeddings, logits = RMSNorm(h_L) @ E^T:
 
-        config = DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
-        model = Decoder(config, rngs=nnx.Rngs(0))
-        logits = model(jnp.array([[1, 2, 3]])).logits        # [1, 3, 256]
+    >>> import numpy as np
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    >>> model = Decoder(config, rngs=nnx.Rngs(0))
+    >>> graphdef, state = nnx.split(model)             # jit pure functions of the state
+    >>> out = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))(
+    ...     state, jnp.array([[1, 2, 3]]))
+    >>> out.logits.shape, out.hidden.shape             # [B, T, V], [B, T, E]
+    ((1, 3, 16), (1, 3, 8))
+    >>> embedding = np.asarray(model.embed_tokens.embedding[...])
+    >>> np.allclose(out.logits, out.hidden @ embedding.T, atol=1e-6)
+    True
     """
 
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
