@@ -1,5 +1,8 @@
 """Decoding and scoring: sampling rules, the prefill (and prefix-state reuse),
-the jitted decode loop, windowed NLL."""
+the jitted decode loop, beam search, speculative decoding, cascades, windowed
+NLL. Every function takes a :class:`~jaxcombine.models.Decoder` or any
+:class:`Decodable` (an ensemble from :mod:`jaxcombine.ensemble`). Guide:
+``docs/ensembles.md``."""
 
 from jaxcombine.decoding._beam import beam_search, check_beams
 from jaxcombine.decoding._cascade import (

@@ -139,6 +139,14 @@ class PrefixState:
 
     Made by :func:`prefill_prefix` (or :func:`load_prefix`), used by
     ``generate(..., prefix=state)``; see :func:`start_from_prefix`.
+
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> state = prefill_prefix(Decoder(config, rngs=nnx.Rngs(0)), [1, 2, 3])
+    >>> state.tokens, int(state.cache.next_index), state.logits.shape, len(state.fingerprint)
+    ((1, 2, 3), 3, (1, 16), 16)
     """
 
     tokens: tuple[int, ...]

@@ -1,7 +1,9 @@
 """Ensembles of language models combined per token: the combination rules
-(:mod:`._rules`, pure functions of the members' logits) and stacked members
-decoded in one jitted loop (:mod:`._stacked`), and a learned per-step gate
-over the members' hidden states (:mod:`._gate`)."""
+(:mod:`._rules`, pure functions of the members' logits), stacked members
+decoded in one jitted loop (:mod:`._stacked`), general ensembles of several
+architectures, vocabularies, MC-dropout members and per-step posterior
+weights (:mod:`._ensemble`), and a learned per-step gate over the members'
+hidden states (:mod:`._gate`). Guide: ``docs/ensembles.md``."""
 
 from jaxcombine.ensemble._ensemble import (
     EnsembleForward,
