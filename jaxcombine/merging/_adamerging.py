@@ -52,7 +52,7 @@ Coefficients = jax.Array | dict[str, jax.Array]
 class AdaMergingResult(NamedTuple):
     """The merged parameters, the (clipped) coefficients and H before each step.
 
-    See :func:`adamerging` for an example.
+    See :func:`adamerging` for an example (Yang et al. 2024, arXiv:2310.02575).
     """
 
     params: PyTree
@@ -69,7 +69,8 @@ def prediction_entropy(logits) -> jax.Array:
     """Mean over all leading axes of -sum_c p_c log p_c, p = softmax(logits[..., :]).
 
     A list or tuple of logits arrays (one per task head) gives the sum of
-    their mean entropies, as the paper sums the tasks' losses.
+    their mean entropies, as the paper sums the tasks' losses (AdaMerging,
+    Yang et al. 2024, arXiv:2310.02575).
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -95,7 +96,7 @@ def merge_with_coefficients(
 
     Tensor paths drop a trailing ``/value`` (``"layers/0/kernel"``). ``clip``
     clips the coefficients first. Differentiable in ``coefficients``; works
-    under ``jax.jit``.
+    under ``jax.jit``. AdaMerging's merge (arXiv:2310.02575).
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging

@@ -244,7 +244,7 @@ def ema_value(state: EmaState, *, debias: bool = True) -> PyTree:
     """The EMA in the parameters' dtypes; ``debias`` divides by 1 - prod_t d_t.
 
     Before any update (or when every d_t is 1) there is nothing to debias and
-    the stored EMA is returned.
+    the stored EMA is returned (bias correction as in Adam, arXiv:1412.6980).
 
     Two updates with d = 0.5 by 2 and 4: the EMA 2.5 is 0.25 * 2 + 0.5 * 4,
     and debiasing divides by 1 - 0.25 (weights 1/3 and 2/3):
@@ -288,6 +288,8 @@ class Averager(NamedTuple):
 def running_average() -> Averager:
     """The running (uniform) average of every parameter set passed to ``update``.
 
+    mean_K = (1/K) sum_k theta_k, as in SWA (Izmailov et al. 2018, arXiv:1803.05407).
+
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine import merging
     >>> avg = merging.running_average()
@@ -302,6 +304,9 @@ def running_average() -> Averager:
 
 def ema(decay: float, *, debias: bool = True, warmup: bool = False) -> Averager:
     """An exponential moving average with its options bound.
+
+    ema_t = d_t ema_{t-1} + (1 - d_t) theta_t (Polyak & Juditsky 1992), debiased
+    by 1 - prod_t d_t as in Adam (Kingma & Ba 2015, arXiv:1412.6980).
 
     ``debias`` and ``warmup`` as in :func:`ema_value` and :func:`ema_decay`.
     A debiased EMA of a constant is that constant:

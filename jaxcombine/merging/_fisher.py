@@ -111,7 +111,8 @@ def fisher_update(
     example (a leaf of ``batch`` without its leading axis), e.g.
     ``log_softmax(apply(params, x))[y]``. A per-example loss such as the
     negative log-likelihood gives the same squares. Do not pass a loss averaged
-    over a batch: the gradients are taken per example with ``jax.vmap``.
+    over a batch: the gradients are taken per example with ``jax.vmap``
+    (Matena & Raffel 2022, arXiv:2111.09832).
 
     For a classifier, ``log_prob_fn = lambda p, ex: log_softmax(apply(p, ex[0]))[ex[1]]``.
     Here a Gaussian likelihood log p(y | x, w) = -(y - w x)^2 / 2 at w = 0,
@@ -147,7 +148,8 @@ def expected_fisher_update(
 
     ``logits_fn(params, x) -> [C]`` gives the logits of ONE input. For each
     input the squared gradient of log p(c | x) is averaged over the classes c
-    with weights p(c | x) (exactly: C gradients per input, no sampling).
+    with weights p(c | x) (exactly: C gradients per input, no sampling), the
+    Fisher of Matena & Raffel 2022 (arXiv:2111.09832).
 
     Logits w x with w = 0 (p = 1/2 for both classes): d log p(c | x) / d w_j =
     x ([c = j] - 1/2), so F_j = mean_x x^2 / 4 = (1 + 4) / 2 / 4 = 0.625.

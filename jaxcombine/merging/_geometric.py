@@ -276,7 +276,8 @@ def nuslerp_leaf(
     antiparallel row that misses it divides by sin θ ~ 3e-4 and comes out very
     large, in mergekit as here (which rows miss it depends on rounding).
 
-    Task vectors [1, 0] and [0, 1] around the base [1, 1], t = 1/2:
+    Task vectors [1, 0] and [0, 1] around the base [1, 1], t = 1/2 (mergekit's
+    ``nuslerp``, no paper):
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import nuslerp_leaf
@@ -330,7 +331,8 @@ def multislerp_leaf(
     finite and without an error, so it can run under ``jax.jit``.
 
     Weights (2, 1, 1) on directions [1, 0], [0, 1], [0, 1] give the 45° direction
-    with the weighted mean norm 1:
+    with the weighted mean norm 1
+    (https://goddard.blog/posts/multislerp-wow-what-a-cool-idea):
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import multislerp_leaf
@@ -409,7 +411,8 @@ def karcher_leaf(
     direction (but count in the scale); if all are, the result is zero; a single
     input is returned unchanged.
 
-    Directions at 0°, 0° and 90°: the Karcher mean is at their mean angle, 30°:
+    Directions at 0°, 0° and 90°: the Karcher mean (arXiv:2603.04972) is at
+    their mean angle, 30°:
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import karcher_leaf

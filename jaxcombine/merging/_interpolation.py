@@ -217,7 +217,7 @@ def nuslerp(
 
     ``nuslerp_flatten`` (default) treats each tensor as one vector; otherwise
     rows are interpolated separately (along the first axis with
-    ``nuslerp_row_wise``). mergekit's ``nuslerp``; the formula is
+    ``nuslerp_row_wise``). mergekit's ``nuslerp`` (no paper); the formula is
     :func:`slerp`'s, sin((1-t) theta)/sin theta x_0 + sin(t theta)/sin theta x_1.
 
     >>> import jax.numpy as jnp
@@ -320,8 +320,9 @@ def nearswap(base, model, *, t: Setting, num_layers: int | None = None):
     """NearSwap: take ``model``'s value where it is within ~t of the base's.
 
     w = clip(t / |base - model|, 0, 1); merged = w * model + (1 - w) * base
-    (per entry; mergekit's ``nearswap``). Entries within t of the base take
-    the model's value, the others move t towards it:
+    (per entry; mergekit's ``nearswap``, no paper:
+    https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001). Entries
+    within t of the base take the model's value, the others move t towards it:
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -337,7 +338,7 @@ def arcee_fusion(base, model):
 
     importance = |model - base| * KL(softmax(model) || softmax(base)) per row; a
     change is kept where importance >= median + 1.5 IQR (exact quantiles;
-    mergekit's ``arcee_fusion``).
+    mergekit's ``arcee_fusion``, no paper: https://arcee.ai).
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -390,7 +391,7 @@ def passthrough(model, *, scale: Setting = None, num_layers: int | None = None):
 
     mergekit's ``passthrough``, the method of frankenmerges (layers stacked from
     several models with ``slices``, see :mod:`jaxcombine.merging.mergekit`).
-    A rule that matches no tensor leaves it unscaled:
+    (No paper.) A rule that matches no tensor leaves it unscaled:
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging

@@ -106,7 +106,8 @@ def gram_init(features: Mapping[str, int | jax.Array]) -> GramState:
 def gram_update(state: GramState, inputs: Mapping[str, jax.Array]) -> GramState:
     """Add X^T X of a batch: ``inputs[key]`` is [..., d_in], leading axes flattened.
 
-    ``inputs`` must name exactly the layers of ``state``.
+    ``inputs`` must name exactly the layers of ``state``. G = sum_n x_n x_n^T,
+    RegMean's statistic (Jin et al. 2023, arXiv:2212.09849).
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -196,7 +197,7 @@ def linear_inputs(
     paths (``"layers/0/kernel"``, ``"head/kernel"``); a layer called several
     times gets its inputs concatenated. Runs ``call(model, *args, **kwargs)``
     (default ``model(*args, **kwargs)``) on a copy: ``model`` is not modified.
-    Works under ``jax.jit``.
+    Works under ``jax.jit``. These are the X_i of RegMean (arXiv:2212.09849).
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx

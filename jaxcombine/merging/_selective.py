@@ -130,7 +130,7 @@ def model_stock_leaf(base: jax.Array, models: jax.Array, *, filter_wise: bool = 
 def nearswap_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
     """NearSwap of ``models`` [1, ...] into ``base``: w = clip(t / |theta_1 - theta_0|, 0, 1).
 
-    merged = w theta_1 + (1 - w) theta_0, per entry.
+    merged = w theta_1 + (1 - w) theta_0, per entry (no paper; see the module docstring).
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import nearswap_leaf
@@ -174,8 +174,9 @@ def arcee_fusion_leaf(base: jax.Array, models: jax.Array) -> jax.Array:
     with replacement, so its threshold there is random and differs slightly.
     Returns float32 for 16-bit inputs, like mergekit (its mask is float32).
 
-    With one row the KL factor is common to all entries, so the outlying
-    change 5 (above median + 1.5 IQR of |tau|) alone is kept:
+    (No paper: https://arcee.ai.) With one row the KL factor is common to all
+    entries, so the outlying change 5 (above median + 1.5 IQR of |tau|) alone
+    is kept:
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import arcee_fusion_leaf
@@ -225,7 +226,7 @@ def ram_leaf(base: jax.Array, models: jax.Array, *, epsilon: float = 1e-5) -> ja
     """RAM: entries changed (|tau_i| > ``epsilon``) by one model take its change, shared
     entries the mean of the changes. No models: the base.
 
-    A change of 1e-6 is below ``epsilon`` and counts as none:
+    A change of 1e-6 is below ``epsilon`` and counts as none (arXiv:2601.13572):
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import ram_leaf
@@ -259,8 +260,8 @@ def ramplus_tl_leaf(
     lambda is computed in float32 as in mergekit (also for float64 inputs), and
     the result is float32 for 16-bit inputs (mergekit promotes by lambda).
 
-    Model 0 changes one shared and one unique entry: lambda_0 = 1 + 0.1 *
-    clip(1 / 1, 0, 0.2) = 1.02 scales its unique 2:
+    (arXiv:2601.13572.) Model 0 changes one shared and one unique entry:
+    lambda_0 = 1 + 0.1 * clip(1 / 1, 0, 0.2) = 1.02 scales its unique 2:
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import ramplus_tl_leaf

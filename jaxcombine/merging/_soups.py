@@ -97,7 +97,8 @@ def uniform_soup(models: Sequence[PyTree], weights: Sequence[float] | None = Non
     """The (weighted) average sum_i w_i theta_i / sum_i w_i of ``models``.
 
     With ``weights=None`` every model counts once (the paper's uniform soup).
-    Works under ``jax.jit``; the result has the first model's dtypes.
+    Works under ``jax.jit``; the result has the first model's dtypes
+    (Wortsman et al. 2022, arXiv:2203.05482).
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging

@@ -125,7 +125,8 @@ def della_probabilities(delta: jax.Array, density: float, epsilon: float) -> jax
 def rescale_l1(delta: jax.Array, masked: jax.Array, eps: float = 1e-7) -> jax.Array:
     """``masked`` scaled to the L1 norm of ``delta`` (unchanged if either norm < eps).
 
-    masked * sum|delta| / sum|masked|, mergekit's rescaling for DARE and DELLA.
+    masked * sum|delta| / sum|masked|, mergekit's rescaling for DARE
+    (arXiv:2311.03099) and DELLA (arXiv:2406.11617).
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine.merging import rescale_l1
@@ -168,7 +169,9 @@ def sparsify(
     """Sparsify one task-vector tensor with ``method`` and optionally rescale it.
 
     Returns rescale(mask * delta); the masks and rescalings are in the module
-    docstring. Random methods (``random``, ``della_magprune``) need ``key``.
+    docstring (TIES arXiv:2306.01708, DARE arXiv:2311.03099, Breadcrumbs
+    arXiv:2312.06795, DELLA arXiv:2406.11617). Random methods (``random``,
+    ``della_magprune``) need ``key``.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import sparsify

@@ -107,7 +107,8 @@ def task_arithmetic_leaf(
     agreeing models) or "mean" (TIES paper: weights steer the sign election, the
     agreeing trimmed vectors are averaged unweighted). ``int8_mask`` only saves
     memory in mergekit and changes no number; it is accepted and ignored. The
-    formula and the named methods' choices are in the module docstring.
+    formula and the named methods' choices are in the module docstring (task
+    arithmetic, Ilharco et al. 2023, arXiv:2212.04089).
 
     TIES on one tensor, the example of :func:`~jaxcombine.merging.ties`:
 
@@ -163,7 +164,7 @@ def task_arithmetic_leaf(
 def linear_leaf(base, models: jax.Array, *, weight, normalize: bool = True) -> jax.Array:
     """sum_i w_i theta_i [/ sum_i w_i] for stacked ``models`` [N, ...] (Wortsman et al. 2022).
 
-    ``base`` is unused (mergekit's linear ignores the base model).
+    Model soups, arXiv:2203.05482. ``base`` is unused (mergekit's linear ignores the base model).
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine.merging import linear_leaf

@@ -143,7 +143,7 @@ def apply_task_vector(base: PyTree, tv: PyTree, scale=1.0) -> PyTree:
     """theta = base + scale * tau, in the base's dtypes.
 
     ``scale`` may be negative: ``scale=-1`` subtracts the task, which makes the
-    model forget it (Ilharco et al. 2023, section 3). Ilharco et al. choose the
+    model forget it (Ilharco et al. 2023, arXiv:2212.04089, section 3). Ilharco et al. choose the
     scale on held-out data, typically in [0, 1] for addition.
 
     >>> import jax.numpy as jnp
@@ -233,7 +233,7 @@ def analogy(base: PyTree, a: PyTree, b: PyTree, c: PyTree, scale=1.0) -> PyTree:
     """theta_0 + scale * (tau_c + (tau_b - tau_a)): "a is to b as c is to ?".
 
     ``a``, ``b`` and ``c`` are models fine-tuned from ``base``, with task
-    vectors tau_x = x - theta_0 (Ilharco et al. 2023, section 5, e.g. a =
+    vectors tau_x = x - theta_0 (Ilharco et al. 2023, arXiv:2212.04089, section 5, e.g. a =
     sentiment on Amazon, b = language modelling on Yelp, c = language modelling
     on Amazon, ? = sentiment on Yelp), e.g.
     ``analogy(base, amazon_lm, yelp_lm, amazon_sentiment, scale=0.5)``.

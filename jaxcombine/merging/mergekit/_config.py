@@ -483,7 +483,8 @@ def parse_merge_config(
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
     """Read and check a mergekit YAML file (models located on disk, nothing else read).
 
-    The schema is in the module docstring; errors name the file and the key.
+    The schema is in the module docstring (mergekit's, Goddard et al. 2024,
+    arXiv:2403.13257); errors name the file and the key.
     A frankenmerge: layers 0-1 of ``model-a`` then layer 1 of ``model-b``:
 
     >>> import pathlib, tempfile
