@@ -7,7 +7,7 @@
 ``head.bias``), so the classifiers that ``train.classifier`` writes are
 teachers for ``train.distill``, members for ensembles and inputs for merges.
 
-Example::
+Example (runnable in :func:`load_classifier`)::
 
     save_classifier(model, "runs/clf/model")
     model = load_classifier("runs/clf/model")
@@ -33,7 +33,13 @@ CLASSIFIER_MODEL_TYPE = "jaxcombine_mlp_classifier"
 
 
 def classifier_config(model: MLPClassifier) -> dict:
-    """The ``config.json`` fields of ``model`` (sizes read from its kernels)."""
+    """The ``config.json`` fields of ``model`` (sizes read from its kernels).
+
+    >>> model = nnx.eval_shape(lambda: MLPClassifier(2, (8, 4), 3, rngs=nnx.Rngs(0)))
+    >>> classifier_config(model)
+    {'model_type': 'jaxcombine_mlp_classifier', 'in_features': 2, 'hidden_sizes': [8, 4],
+     'num_classes': 3, 'dropout_rate': 0.0}
+    """
     kernels = [layer.kernel.get_value() for layer in model.layers] + [model.head.kernel.get_value()]
     return {
         "model_type": CLASSIFIER_MODEL_TYPE,
@@ -52,7 +58,16 @@ def save_classifier(
     model: MLPClassifier, out_dir: str | os.PathLike, *, overwrite: bool = False, extra_files=()
 ) -> Path:
     """Write ``model`` to ``out_dir`` (config.json + model.safetensors, plus copies of
-    ``extra_files``); the directory appears only when complete."""
+    ``extra_files``); the directory appears only when complete. Returns ``out_dir``.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> model = MLPClassifier(2, (4,), 3, rngs=nnx.Rngs(0))
+    >>> out = save_classifier(model, Path(tmp.name) / "clf")
+    >>> sorted(p.name for p in out.iterdir()), is_classifier_dir(out)
+    (['config.json', 'model.safetensors'], True)
+    >>> tmp.cleanup()
+    """
     tensors = {
         _tensor_name(path): np.asarray(value.get_value())
         for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -66,14 +81,34 @@ def save_classifier(
 
 
 def is_classifier_dir(model_dir: str | os.PathLike) -> bool:
-    """Whether ``model_dir/config.json`` describes an MLP classifier."""
+    """Whether ``model_dir/config.json`` describes an MLP classifier.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> _ = (Path(tmp.name) / "config.json").write_text('{"model_type": "llama"}')
+    >>> is_classifier_dir(tmp.name), is_classifier_dir(Path(tmp.name) / "missing")
+    (False, False)
+    >>> tmp.cleanup()
+    """
     path = Path(model_dir) / "config.json"
     return path.is_file() and _read_json(path).get("model_type") == CLASSIFIER_MODEL_TYPE
 
 
 def load_classifier(model_dir: str | os.PathLike, *, dtype=jnp.float32) -> MLPClassifier:
     """The classifier saved in ``model_dir``; every tensor's name and shape is checked
-    against config.json before any data is read (a mismatch names the tensor)."""
+    against config.json before any data is read (a mismatch names the tensor).
+
+    A save / load round trip computes the same logits:
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> model = MLPClassifier(2, (4,), 3, rngs=nnx.Rngs(0))
+    >>> loaded = load_classifier(save_classifier(model, Path(tmp.name) / "clf"))
+    >>> x = jnp.array([[1.0, -2.0], [0.5, 3.0]])
+    >>> bool(jnp.array_equal(loaded(x), model(x)))
+    True
+    >>> tmp.cleanup()
+    """
     with SafetensorsCheckpoint(model_dir) as checkpoint:
         config_path = checkpoint.dir / "config.json"
         if not config_path.is_file():

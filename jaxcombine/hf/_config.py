@@ -29,7 +29,15 @@ _ARCHITECTURES = {
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``config.json`` of a model directory."""
+    """The parsed ``config.json`` of a model directory.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> _ = (Path(tmp.name) / "config.json").write_text('{"model_type": "qwen2"}')
+    >>> read_hf_config(tmp.name)
+    {'model_type': 'qwen2'}
+    >>> tmp.cleanup()
+    """
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise ConfigError(
@@ -133,7 +141,19 @@ def _mixtral_moe(hf: dict, where: str) -> MoEConfig:
 
 
 def config_from_hf(hf: dict[str, Any], *, where: str = "config.json") -> DecoderConfig:
-    """Translate a transformers config dict into a :class:`DecoderConfig`."""
+    """Translate a transformers config dict into a :class:`DecoderConfig`, with
+    transformers' defaults (``num_key_value_heads``: the head count, ``head_dim``:
+    hidden / heads; Qwen2: q/k/v biases; rope from ``rope_scaling`` or
+    ``rope_parameters``).
+
+    >>> config = config_from_hf({"model_type": "qwen2", "vocab_size": 16, "hidden_size": 8,
+    ...     "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+    ...     "rope_theta": 1e6, "eos_token_id": [1, 2]})
+    >>> config.num_kv_heads, config.head_dim, config.qkv_bias, config.rope.theta
+    (2, 4, True, 1000000.0)
+    >>> config.eos_token_ids
+    (1, 2)
+    """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -178,7 +198,16 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json") -> Decoder
 def config_to_hf(
     config: DecoderConfig, *, base: dict[str, Any] | None = None, dtype: str = "float32"
 ) -> dict[str, Any]:
-    """A transformers config dict for ``config``, keeping ``base``'s other keys and form."""
+    """A transformers config dict for ``config``, keeping ``base``'s other keys and form.
+
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> hf = config_to_hf(config, base={"rope_parameters": {}, "use_cache": True})
+    >>> hf["architectures"], hf["rope_parameters"], hf["use_cache"]
+    (['LlamaForCausalLM'], {'rope_type': 'default', 'rope_theta': 10000.0}, True)
+    >>> config_from_hf(hf) == config                          # the round trip is exact
+    True
+    """
     hf = dict(base or {})
     model_type = config.model_type
     _check_writable(config)

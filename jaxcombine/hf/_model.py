@@ -40,7 +40,18 @@ _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp
 
 
 def load_config(model_dir: str | os.PathLike, **overrides) -> DecoderConfig:
-    """The :class:`DecoderConfig` of an HF model directory (keyword overrides applied)."""
+    """The :class:`DecoderConfig` of an HF model directory (keyword overrides applied).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> _ = (Path(tmp.name) / "config.json").write_text(json.dumps({"model_type": "mistral",
+    ...     "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+    ...     "num_attention_heads": 2, "sliding_window": 4}))
+    >>> config = load_config(tmp.name, dropout_rate=0.1)
+    >>> config.model_type, config.window_of_layer(0), config.dropout_rate
+    ('mistral', 4, 0.1)
+    >>> tmp.cleanup()
+    """
     path = require_model_dir(model_dir)
     config = config_from_hf(read_hf_config(path), where=str(path / "config.json"))
     return config.replace(**overrides) if overrides else config
@@ -120,10 +131,29 @@ def load_model(
       mesh, rules: place each parameter on ``mesh`` by its logical axes; each
         device receives only its shard.
 
-    Example::
+    A tiny random Llama written with :func:`write_shards`, then loaded: the
+    kernel is the HF weight transposed, with the head axes split out.
 
-        model = load_model("tiny-llama")
-        logits = model(jnp.array([[1, 5, 9]])).logits
+    >>> import json, tempfile
+    >>> from jaxcombine.hf import config_from_hf, decoder_tensor_maps, write_shards
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name) / "tiny"; root.mkdir()
+    >>> hf = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+    ...       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    >>> _ = (root / "config.json").write_text(json.dumps(hf))
+    >>> rng = np.random.default_rng(0)                        # a tiny random Llama on disk
+    >>> tensors = {m.hf_name: rng.normal(size=m.hf_shape).astype(np.float32)
+    ...            for m in decoder_tensor_maps(config_from_hf(hf))}
+    >>> write_shards(tensors.items(), root, max_shard_bytes=10**9)
+    ['model.safetensors']
+    >>> model = load_model(root)
+    >>> q = np.asarray(model.layers[0].self_attn.q_proj.kernel[...])       # [E, H, D]
+    >>> weight = tensors["model.layers.0.self_attn.q_proj.weight"]               # [H*D, E]
+    >>> q.shape, np.array_equal(q.reshape(8, 8), weight.T)
+    ((8, 2, 4), True)
+    >>> tmp.cleanup()
+
+    Then ``model(jnp.array([[1, 5, 9]])).logits`` as for any
+    :class:`~jaxcombine.models.Decoder`.
     """
     path = require_model_dir(model_dir)
     config = load_config(path, dropout_rate=dropout_rate)
@@ -180,7 +210,27 @@ def _to_host(value: jax.Array) -> np.ndarray:
 
 
 def hf_tensors(model: Decoder, dtype=None):
-    """The model's parameters as (HF name, numpy array) pairs, one at a time."""
+    """The model's parameters as (HF name, numpy array) pairs, one at a time, in
+    :func:`decoder_tensor_maps` order (``dtype``: cast each).
+
+    The tensors of a loaded checkpoint come back bit for bit:
+
+    >>> import json, tempfile
+    >>> from jaxcombine.hf import config_from_hf, decoder_tensor_maps, write_shards
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name) / "tiny"; root.mkdir()
+    >>> hf = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+    ...       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    >>> _ = (root / "config.json").write_text(json.dumps(hf))
+    >>> rng = np.random.default_rng(0)                        # a tiny random Llama on disk
+    >>> tensors = {m.hf_name: rng.normal(size=m.hf_shape).astype(np.float32)
+    ...            for m in decoder_tensor_maps(config_from_hf(hf))}
+    >>> write_shards(tensors.items(), root, max_shard_bytes=10**9)
+    ['model.safetensors']
+    >>> pairs = list(hf_tensors(load_model(root)))
+    >>> pairs[0][0], all(np.array_equal(tensors[name], x) for name, x in pairs)
+    ('model.embed_tokens.weight', True)
+    >>> tmp.cleanup()
+    """
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     host = {}  # a stacked expert parameter is gathered once, written expert by expert
     for m in decoder_tensor_maps(model.config):
@@ -215,6 +265,30 @@ def save_model(
       dtype: "float32", "bfloat16" or "float16"; default: the parameters' dtype.
       extra_files: files copied into the directory (a trained model's
         ``tokenizer.json``, say) before it appears.
+
+    A load / save round trip of a tiny random Llama, in bfloat16:
+
+    >>> import json, tempfile
+    >>> from jaxcombine.hf import config_from_hf, decoder_tensor_maps, write_shards
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name) / "tiny"; root.mkdir()
+    >>> hf = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+    ...       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    >>> _ = (root / "config.json").write_text(json.dumps(hf))
+    >>> rng = np.random.default_rng(0)                        # a tiny random Llama on disk
+    >>> tensors = {m.hf_name: rng.normal(size=m.hf_shape).astype(np.float32)
+    ...            for m in decoder_tensor_maps(config_from_hf(hf))}
+    >>> write_shards(tensors.items(), root, max_shard_bytes=10**9)
+    ['model.safetensors']
+    >>> out = save_model(load_model(root), root.parent / "copy", source_dir=root, dtype="bfloat16")
+    >>> sorted(p.name for p in out.iterdir())
+    ['config.json', 'model.safetensors']
+    >>> json.loads((out / "config.json").read_text())["architectures"]
+    ['LlamaForCausalLM']
+    >>> with SafetensorsCheckpoint(out) as saved:
+    ...     w = saved.read("model.layers.0.mlp.down_proj.weight")
+    >>> w.dtype, np.array_equal(w, tensors["model.layers.0.mlp.down_proj.weight"].astype(w.dtype))
+    (dtype(bfloat16), True)
+    >>> tmp.cleanup()
     """
     base = read_hf_config(source_dir) if source_dir is not None else None
     param_dtype = model.embed_tokens.embedding.get_value().dtype

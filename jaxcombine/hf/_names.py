@@ -49,6 +49,16 @@ MoELayout = Literal["experts", "fused"]
 
 
 class TensorMap(NamedTuple):
+    """One HF tensor and the model parameter it fills: ``to_model`` maps the HF
+    layout to the parameter's (``expert``: a slice of a stacked parameter),
+    ``to_hf`` back.
+
+    >>> m = _linear("q_proj.weight", ("q_proj", "kernel"), (2, 4), (8,))   # [H*D, E]
+    >>> w = np.arange(64.0).reshape(8, 8)
+    >>> m.hf_shape, m.to_model(w).shape, np.array_equal(m.to_hf(m.to_model(w)), w)
+    ((8, 8), (8, 2, 4), True)
+    """
+
     hf_name: str
     path: Path
     hf_shape: tuple[int, ...]
@@ -121,6 +131,17 @@ def decoder_tensor_maps(
     ``moe_layout``: how MoE layers are stored: per-expert hub names
     (``"experts"``, read and written) or transformers 5's fused tensors
     (``"fused"``, read only).
+
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_layers=1,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> for m in decoder_tensor_maps(config)[:4]:
+    ...     print(m.hf_name, m.hf_shape, "/".join(map(str, m.path)))
+    model.embed_tokens.weight (16, 8) embed_tokens/embedding
+    model.layers.0.input_layernorm.weight (8,) layers/0/input_layernorm/scale
+    model.layers.0.self_attn.q_proj.weight (8, 8) layers/0/self_attn/q_proj/kernel
+    model.layers.0.self_attn.k_proj.weight (4, 8) layers/0/self_attn/k_proj/kernel
+    >>> len(decoder_tensor_maps(config)), decoder_tensor_maps(config)[-1].hf_name
+    (12, 'lm_head.weight')
     """
     E, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     H, K, D = config.num_heads, config.num_kv_heads, config.head_dim

@@ -64,6 +64,9 @@ _CONVERT_HINT = (
 
 
 class TensorInfo(NamedTuple):
+    """Where a tensor's data lies, from the file header (:class:`SafetensorsCheckpoint`
+    ``.infos``, which has an example)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -72,7 +75,14 @@ class TensorInfo(NamedTuple):
 
 
 def require_model_dir(model_dir: str | os.PathLike) -> Path:
-    """The path as a directory, or a :class:`CheckpointError` that says how to get one."""
+    """The path as a directory, or a :class:`CheckpointError` that says how to get one.
+
+    >>> require_model_dir("meta-llama/Llama-3.2-1B")
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.CheckpointError: meta-llama/Llama-3.2-1B: model directory does not exist
+      How to fix: this looks like a Hugging Face hub id; download it first, ...
+    """
     path = Path(model_dir)
     if not path.exists():
         fix = "pass the path of a local model directory"
@@ -108,11 +118,19 @@ def _open(file: Path):
 class SafetensorsCheckpoint:
     """The tensors of one model directory, indexed from the file headers only.
 
-    Example::
-
-        with SafetensorsCheckpoint("tiny-llama") as ckpt:
-            print(ckpt.infos["model.norm.weight"].shape)
-            w = ckpt.read("model.norm.weight")              # one tensor, numpy
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.int8)}
+    >>> write_shards(tensors.items(), Path(tmp.name), max_shard_bytes=24)      # 24 + 4 bytes
+    ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    >>> with SafetensorsCheckpoint(tmp.name) as ckpt:             # headers only, both shards
+    ...     info = ckpt.infos["a"]
+    ...     print(info.shape, info.dtype, info.file.name)
+    ...     print(ckpt.read("a"), ckpt.read("a", start=4, count=2))   # one tensor, numpy
+    (2, 3) float32 model-00001-of-00002.safetensors
+    [[0. 1. 2.]
+     [3. 4. 5.]] [4. 5.]
+    >>> tmp.cleanup()
     """
 
     def __init__(self, model_dir: str | os.PathLike):
@@ -301,7 +319,11 @@ _SIZE_UNITS = {
 
 
 def parse_size(size: str | int) -> int:
-    """Bytes from an int or a string: '5B' (mergekit: 5 billion), '500M', '5GB', '2GiB'."""
+    """Bytes from an int or a string: '5B' (mergekit: 5 billion), '500M', '5GB', '2GiB'.
+
+    >>> parse_size("5B"), parse_size("500M"), parse_size("2GiB"), parse_size(1024)
+    (5000000000, 500000000, 2147483648, 1024)
+    """
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
@@ -345,6 +367,16 @@ def write_shards(
     ``max_shard_bytes``. One shard is written as ``model.safetensors``;
     several as ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``. Returns the file names written.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> tensors = [(name, np.zeros(4, np.float32)) for name in ("a", "b", "c")]   # 16 bytes
+    >>> write_shards(tensors, Path(tmp.name), max_shard_bytes=32)
+    ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    >>> json.loads((Path(tmp.name) / "model.safetensors.index.json").read_text())["weight_map"]
+    {'a': 'model-00001-of-00002.safetensors', 'b': 'model-00001-of-00002.safetensors',
+     'c': 'model-00002-of-00002.safetensors'}
+    >>> tmp.cleanup()
     """
     pending: dict[str, np.ndarray] = {}
     pending_bytes = 0

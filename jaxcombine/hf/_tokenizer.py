@@ -16,6 +16,16 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
 
     Encoding applies the file's post-processor (for example Llama's BOS), as
     ``transformers`` does with ``add_special_tokens=True``.
+
+    >>> import tempfile
+    >>> from tokenizers import models, pre_tokenizers
+    >>> tokenizer = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "?": 2}, "?"))
+    >>> tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> tokenizer.save(str(Path(tmp.name) / "tokenizer.json"))
+    >>> load_tokenizer(tmp.name).encode("hello big world").ids
+    [0, 2, 1]
+    >>> tmp.cleanup()
     """
     path = require_model_dir(model_dir) / "tokenizer.json"
     if not path.exists():
