@@ -38,7 +38,7 @@ adapter is held in memory. With tied embeddings a stored ``lm_head.weight`` is
 an alias of the embedding and is not read. mergekit's ``mergekit-extract-lora``
 (arcee-ai/mergekit) extracts LoRA adapters the same way, with PyTorch.
 
-Example::
+Example (runnable in :func:`extract_lora`)::
 
     result = extract_lora("ft-model", "base-model", "adapter", max_rank=16)
     print(result["message"])
@@ -93,6 +93,12 @@ def low_rank(delta: jax.Array, rank: int):
     """Best rank-``rank`` factors of ``delta`` [out, in] (Eckart–Young).
 
     Returns ``(b [out, r], a [r, in], ||delta - b a||_F^2, ||delta||_F^2)``.
+
+    diag(3, 1) at rank 1 keeps the larger singular value; the error is the other:
+
+    >>> b, a, err_sq, norm_sq = low_rank(jnp.diag(jnp.array([3.0, 1.0])), rank=1)
+    >>> print(b[:, 0], a[0], err_sq, norm_sq)
+    [3. 0.] [1. 0.] 1.0 10.0
     """
     delta = delta.astype(jnp.float32)
     u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
@@ -129,7 +135,20 @@ def _module_kind(path: str, weight_shape: tuple[int, ...] | None, tied: bool) ->
 
 
 def plan_modules(shapes: dict[str, tuple[int, ...]], *, tied: bool) -> list[_Module]:
-    """Group tensor names by module and classify each module (from shapes only)."""
+    """Group tensor names by module and classify each module (from shapes only):
+    ``linear`` (2-D weights in the layers, an untied ``lm_head``), ``embedding``,
+    ``tied_embedding`` or ``other`` (saved whole if changed).
+
+    >>> shapes = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,),
+    ...           "model.layers.0.self_attn.q_proj.weight": (8, 8),
+    ...           "model.layers.0.self_attn.q_proj.bias": (8,), "lm_head.weight": (16, 8)}
+    >>> for module in plan_modules(shapes, tied=False):
+    ...     print(module.path, module.kind, module.params)
+    lm_head linear ('weight',)
+    model.embed_tokens embedding ('weight',)
+    model.layers.0.self_attn.q_proj linear ('bias', 'weight')
+    model.norm other ('weight',)
+    """
     params = defaultdict(list)
     for name in shapes:
         if tied and name == "lm_head.weight":
@@ -148,6 +167,10 @@ def target_module_names(lora_paths: list[str], all_paths: list[str]) -> list[str
 
     PEFT matches a target ``t`` against module ``m`` when ``m == t`` or
     ``m.endswith("." + t)``.
+
+    >>> every = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    >>> target_module_names(every, every), target_module_names(every[:1], every)
+    (['q_proj'], ['model.layers.0.self_attn.q_proj'])
     """
     by_leaf = defaultdict(set)
     for path in lora_paths:
@@ -173,7 +196,15 @@ def adapter_config(
     bias: str,
     base: str,
 ) -> dict:
-    """The ``adapter_config.json`` PEFT reads for these modules (scaling alpha / r = 1)."""
+    """The ``adapter_config.json`` PEFT reads for these modules (scaling alpha / r = 1):
+    ``r`` the largest rank, smaller ones in ``rank_pattern`` and ``alpha_pattern``.
+
+    >>> config = adapter_config(ranks={"model.layers.0.mlp.up_proj": 8, "lm_head": 4},
+    ...     all_paths=["model.layers.0.mlp.up_proj", "lm_head"], modules_to_save=[],
+    ...     bias="none", base="base-model")
+    >>> config["r"], config["lora_alpha"], config["rank_pattern"], config["target_modules"]
+    (8, 8, {'lm_head': 4}, ['lm_head', 'up_proj'])
+    """
     r = max(ranks.values(), default=1)
     smaller = {_pattern_key(p): k for p, k in sorted(ranks.items()) if k != r}
     return {
@@ -434,6 +465,35 @@ def extract_lora(
       "modules_to_save", "unchanged", "relative_error", "message"}``, where
       ``relative_error`` is ``||D - BA||_F / ||D||_F`` over all LoRA modules (float32
       factors, before any cast to ``dtype``).
+
+    A fine-tune whose only change is a rank-1 update u v^T of one MLP weight
+    gives a rank-1 adapter with B A = u v^T:
+
+    >>> import tempfile
+    >>> from safetensors.numpy import load_file
+    >>> from jaxcombine.hf import write_shards
+    >>> tmp = tempfile.TemporaryDirectory(); root = Path(tmp.name)
+    >>> rng = np.random.default_rng(0)
+    >>> base = {"model.embed_tokens.weight": rng.normal(size=(16, 8)), "model.norm.weight":
+    ...         np.ones(8), "model.layers.0.mlp.up_proj.weight": rng.normal(size=(12, 8)),
+    ...         "lm_head.weight": rng.normal(size=(16, 8))}
+    >>> u, v = rng.normal(size=(12, 1)), rng.normal(size=(1, 8))
+    >>> up = "model.layers.0.mlp.up_proj.weight"
+    >>> tuned = {**base, up: base[up] + u @ v}
+    >>> for name, tensors in (("base", base), ("tuned", tuned)):
+    ...     (root / name).mkdir()
+    ...     _ = (root / name / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    ...     _ = write_shards(((k, x.astype(np.float32)) for k, x in tensors.items()), root / name,
+    ...                      max_shard_bytes=10**9)
+    >>> result = extract_lora(root / "tuned", root / "base", root / "lora", max_rank=1)
+    >>> result["lora_modules"], result["unchanged"], result["relative_error"] < 1e-6
+    (['model.layers.0.mlp.up_proj'], 3, True)
+    >>> adapter = load_file(str(root / "lora" / ADAPTER_FILE))
+    >>> prefix = PREFIX + "model.layers.0.mlp.up_proj."
+    >>> A, B = adapter[prefix + "lora_A.weight"], adapter[prefix + "lora_B.weight"]
+    >>> A.shape, B.shape, np.allclose(B @ A, u @ v, atol=1e-5)
+    ((1, 8), (12, 1), True)
+    >>> tmp.cleanup()
     """
     out_dtype = _check_args(max_rank, dtype)
     model_path, base_path = require_model_dir(model_dir), require_model_dir(base_dir)
