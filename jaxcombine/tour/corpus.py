@@ -93,7 +93,8 @@ def available_packages(root: PathLike | None = None, *, include_tests: bool = Fa
     """The packages of the stdlib (directories with an ``__init__.py`` and at least
     one source file), sorted by name.
 
-    Example: ``"email" in available_packages()``.
+    >>> {"email", "json", "asyncio"} <= set(available_packages())
+    True
     """
     base = stdlib_root(root)
     return sorted(
@@ -113,8 +114,8 @@ def package_files(
     ``include_tests``, files under a ``test``/``tests`` directory are left out.
     An :class:`InputError` (naming the packages there are) if it has none.
 
-    Example: ``[p.name for p in package_files("json")]`` ->
-    ``['__init__.py', 'decoder.py', 'encoder.py', 'scanner.py', 'tool.py']``.
+    >>> [p.name for p in package_files("json")]
+    ['__init__.py', 'decoder.py', 'encoder.py', 'scanner.py', 'tool.py']
     """
     base = stdlib_root(root)
     if not isinstance(package, str) or not package.isidentifier():
@@ -164,6 +165,12 @@ def package_documents(
     lines, each inside one file (a file's last block may be shorter), in order.
     With ``max_chars``, only the whole lines of the text's first ``max_chars``
     characters. ``"".join(package_documents(p)) == package_texts(p)``.
+
+    >>> documents = package_documents("json", block_lines=64)
+    >>> max(len(d.splitlines()) for d in documents)
+    64
+    >>> "".join(documents) == package_texts("json")
+    True
     """
     _check_max_chars(max_chars)
     if not isinstance(block_lines, int) or block_lines < 1:
@@ -198,10 +205,9 @@ def package_texts(
     ending with a newline; with ``max_chars``, only the whole lines among the
     first ``max_chars`` characters.
 
-    Example::
-
-        text = package_texts("json")           # about 48 kB on CPython 3.11
-        package_texts("email", max_chars=10_000)
+    >>> text = package_texts("email", max_chars=10_000)
+    >>> len(text) <= 10_000 and text.endswith(chr(10)) and text in package_texts("email")
+    True
     """
     return "".join(
         package_documents(package, max_chars=max_chars, root=root, include_tests=include_tests)
@@ -211,7 +217,11 @@ def package_texts(
 def held_out_mask(count: int, held_out: float = 0.1, seed: int = 0) -> np.ndarray:
     """Which of ``count`` documents are held out: a bool array with
     ``round(held_out * count)`` True entries (at least one when ``held_out > 0``
-    and ``count >= 2``; never all), at positions drawn by ``np.random.default_rng(seed)``."""
+    and ``count >= 2``; never all), at positions drawn by ``np.random.default_rng(seed)``.
+
+    >>> int(held_out_mask(50, 0.1).sum()), int(held_out_mask(3, 0.01).sum())
+    (5, 1)
+    """
     if not (isinstance(held_out, float | int) and 0.0 <= held_out < 1.0):
         raise InputError(
             f"held_out must be a fraction in [0, 1), got {held_out!r}",
@@ -258,10 +268,12 @@ def domain(
     """``package`` as a :class:`Domain`: its documents (:func:`package_documents`)
     split by :func:`held_out_mask`. Deterministic in ``seed``.
 
-    Example::
-
-        d = domain("json", held_out=0.2, seed=0)
-        d.held_out_text[:60]
+    >>> d = domain("json", held_out=0.2, seed=0)
+    >>> documents = package_documents("json")
+    >>> len(d.held_out) == round(0.2 * len(documents))
+    True
+    >>> sorted(d.train + d.held_out) == sorted(documents)
+    True
     """
     documents = package_documents(
         package, block_lines=block_lines, max_chars=max_chars, root=root,
@@ -300,10 +312,11 @@ def write_domains(
 ) -> dict[str, tuple[Path, Path]]:
     """:func:`write_domain` for each package; ``{package: (train, heldout)}``.
 
-    Example::
-
-        files = write_domains("data/stdlib", ["email", "asyncio"], max_chars=200_000)
-        files["email"][0]        # data/stdlib/email/train.jsonl
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> files = write_domains(root, ["email", "json"], max_chars=20_000)
+    >>> [str(p.relative_to(root)) for p in files["email"]]
+    ['email/train.jsonl', 'email/heldout.jsonl']
     """
     return {package: write_domain(directory, package, **kwargs) for package in packages}
 
@@ -323,9 +336,14 @@ def train_bpe(
     same documents give the same ``tokenizer.json``. Any text round-trips
     (``decode(encode(t).ids) == t``), including characters never seen.
 
-    Example::
+    From files: ``train_bpe(jaxcombine.data.load_texts("my.jsonl")["text"], 1024)``.
 
-        tokenizer = train_bpe(load_texts("my.jsonl")["text"], vocab_size=1024)
+    >>> tokenizer = train_bpe([package_texts("json", max_chars=20_000)], vocab_size=300)
+    >>> tokenizer.get_vocab_size() <= 300, tokenizer.token_to_id("<eos>")
+    (True, 1)
+    >>> text = "def f(x):" + chr(10) + "    return x  # café"
+    >>> tokenizer.decode(tokenizer.encode(text).ids) == text
+    True
     """
     special_tokens = list(special_tokens)
     minimum = 256 + len(special_tokens)

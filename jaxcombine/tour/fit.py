@@ -70,7 +70,22 @@ def fit(
     on ``data`` (a :class:`~jaxcombine.data.PackedDataset` or
     :class:`~jaxcombine.data.TableDataset`, or a sequence of them, one per member).
     ``averager`` (e.g. :func:`jaxcombine.merging.ema`) is updated with each
-    member's parameters after every step. See the module docstring."""
+    member's parameters after every step. See the module docstring.
+
+    Two members from w = 0 and w = 1 fit ``y = 2 x`` by least squares:
+
+    >>> import numpy as np, optax
+    >>> from jaxcombine.data import TableDataset
+    >>> x = np.arange(10, dtype=np.float32)[:, None]
+    >>> data = TableDataset(x, 2 * np.arange(10, dtype=np.int32))
+    >>> def loss_fn(params, batch, key, constants):
+    ...     error = params["w"] * batch["x"][:, 0] - batch["y"]
+    ...     return (error**2).mean(), {}
+    >>> result = fit({"w": np.array([0.0, 1.0])}, loss_fn, data, seeds=[0, 1], steps=100,
+    ...              batch_size=4, optimizer=optax.sgd(0.01))
+    >>> np.round(result.params["w"], 3).tolist(), result.losses.shape
+    ([2.0, 2.0], (2, 100))
+    """
     count = len(seeds)
     datasets = list(data) if isinstance(data, (list, tuple)) else [data] * count
     if len(datasets) != count:

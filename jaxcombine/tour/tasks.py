@@ -134,7 +134,12 @@ class Example:
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name``; an :class:`InputError` naming the valid ones otherwise."""
+    """The task called ``name``; an :class:`InputError` naming the valid ones otherwise.
+
+    >>> task = get_task("reverse")
+    >>> task.prompt(["3917"]), task.answer(["3917"])
+    ('R3917=', '7193;')
+    """
     if not isinstance(name, str) or name not in TASKS:
         raise InputError(
             f"unknown task {name!r}",
@@ -169,7 +174,12 @@ def _strings_of_length(kind: str, length: int) -> int:
 def count_prompts(task: str, min_len: int = 2, max_len: int = 5) -> int:
     """How many distinct prompts ``task`` has with operands of ``min_len..max_len`` digits.
 
-    Example: ``count_prompts("copy", 1, 2) == 10 + 100``; ``count_prompts("add", 1, 1) == 100``.
+    >>> count_prompts("copy", 1, 2)  # 10 one-digit + 100 two-digit strings
+    110
+    >>> count_prompts("add", 1, 1)  # a + b with a, b in 0..9
+    100
+    >>> count_prompts("increment", 2, 2)  # 10..99: no leading zeros
+    90
     """
     spec = get_task(task)
     _check_lengths(min_len, max_len)
@@ -209,10 +219,11 @@ def generate_examples(
     of the arguments. Each operand has ``min_len..max_len`` digits (uniform length,
     then uniform digits).
 
-    Example::
-
-        generate_examples("sort", 2, seed=0)
-        # [Example(task='sort', prompt='S35935=', answer='33559;'), ...]
+    >>> examples = generate_examples("sort", 3, seed=0)
+    >>> all(e.answer == "".join(sorted(e.prompt[1:-1])) + ";" for e in examples)
+    True
+    >>> generate_examples("sort", 3, seed=0) == examples  # a pure function
+    True
     """
     spec = get_task(task)
     count = _check_count("count", count)
@@ -283,10 +294,11 @@ def split(
     :class:`InputError` if the task has fewer than ``n_train + n_test`` prompts
     of these lengths (:func:`count_prompts`).
 
-    Example::
-
-        train, test = split("add", 5000, 500, seed=0, min_len=1, max_len=3)
-        {e.prompt for e in train}.isdisjoint(e.prompt for e in test)   # True
+    >>> train, test = split("add", 5000, 500, seed=0, min_len=1, max_len=3)
+    >>> len(train), len(test), {e.prompt for e in train}.isdisjoint(e.prompt for e in test)
+    (5000, 500, True)
+    >>> split("add", 100, 500, seed=0, min_len=1, max_len=3)[1] == test  # same test set
+    True
     """
     spec = get_task(task)
     n_train, n_test = _check_count("n_train", n_train), _check_count("n_test", n_test)
@@ -314,9 +326,9 @@ def mix(example_lists: Iterable[Sequence[Example]], seed: int = 0) -> list[Examp
     """The examples of all lists in one random order (a pure function of ``seed``):
     the training set of a base model on several tasks.
 
-    Example::
-
-        base_train = mix([split(t, 1000, 100)[0] for t in ("copy", "reverse", "sort")])
+    >>> base_train = mix([split(t, 1000, 100)[0] for t in ("copy", "reverse", "sort")])
+    >>> len(base_train), sorted({e.task for e in base_train[:50]})
+    (3000, ['copy', 'reverse', 'sort'])
     """
     examples = [e for examples in example_lists for e in examples]
     order = np.random.default_rng([_check_count("seed", seed), 0x6D6978]).permutation(len(examples))
@@ -338,10 +350,11 @@ def char_tokenizer() -> Tokenizer:
     so encoding adds nothing. Another character encodes as ``<unk>``. Save it
     with ``tokenizer.save("tokenizer.json")``.
 
-    Example::
-
-        tokenizer = char_tokenizer()
-        tokenizer.encode("R391=").tokens    # ['R', '3', '9', '1', '=']
+    >>> tokenizer = char_tokenizer()
+    >>> tokenizer.encode("R391=").tokens
+    ['R', '3', '9', '1', '=']
+    >>> tokenizer.decode(tokenizer.encode("R391=193;").ids)
+    'R391=193;'
     """
     tokenizer = Tokenizer(models.WordLevel(dict(VOCAB), unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
@@ -358,6 +371,9 @@ def training_lines(examples: Iterable[Example]) -> list[str]:
 
     The end-of-document token is not part of the text: ``train.lm`` adds it
     after every line when ``data.eos_token: "<eos>"`` (see :func:`jaxcombine.data.pack`).
+
+    >>> training_lines([Example("reverse", "R3917=", "7193;")])
+    ['R3917=7193;']
     """
     return [e.text for e in examples]
 
@@ -369,6 +385,12 @@ def write_examples(path: str | os.PathLike, examples: Iterable[Example]) -> Path
     line with ``text`` (the training line), ``task``, ``prompt`` and ``answer``
     (read back with :func:`read_examples`; ``load_texts`` keeps ``text``).
     Parent directories are created. Returns the path.
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "sort.jsonl"
+    >>> examples = generate_examples("sort", 4, seed=1)
+    >>> read_examples(write_examples(path, examples)) == examples
+    True
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -418,7 +440,8 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """The fraction of positions where the prediction equals the answer exactly
     (string equality: no stripping, the end marker counts).
 
-    Example: ``exact_match(["12;", "3"], ["12;", "3;"]) == 0.5``.
+    >>> exact_match(["12;", "3"], ["12;", "3;"])
+    0.5
     """
     if len(predictions) != len(answers):
         raise InputError(
@@ -439,8 +462,13 @@ def answer_text(ids: Sequence[int], tokenizer: Tokenizer) -> str:
     """The answer in generated ``ids``: the tokens before the first special token
     (``<eos>``, ``<pad>``), decoded, cut after the first end marker ``;``.
 
-    Example: ``answer_text(ids_of("7193;<eos>"), tokenizer) == "7193;"``;
-    without an end marker the text is returned whole (and matches no answer).
+    Without an end marker the text is returned whole (and matches no answer).
+
+    >>> tokenizer = char_tokenizer()
+    >>> answer_text(tokenizer.encode("7193;12<eos>3").ids, tokenizer)
+    '7193;'
+    >>> answer_text(tokenizer.encode("71<eos>93;").ids, tokenizer)
+    '71'
     """
     special = _special_ids(tokenizer)
     kept = list(itertools.takewhile(lambda i: int(i) not in special, ids))
@@ -480,9 +508,18 @@ def task_accuracy(
     equals the answer. ``max_new_tokens`` defaults to the longest answer's
     token count.
 
-    Example::
+    With a model: ``task_accuracy(decoder_generate_fn(model), test, char_tokenizer())``.
+    With an oracle that knows every answer, and one that always says ``0;``:
 
-        task_accuracy(decoder_generate_fn(model), test, char_tokenizer())
+    >>> tokenizer = char_tokenizer()
+    >>> test = generate_examples("reverse", 8, seed=0)
+    >>> answer_ids = {tuple(tokenizer.encode(e.prompt).ids): tokenizer.encode(e.answer).ids
+    ...               for e in test}
+    >>> task_accuracy(lambda prompts, n: [answer_ids[tuple(p)] for p in prompts], test, tokenizer)
+    1.0
+    >>> task_accuracy(lambda prompts, n: [tokenizer.encode("0;").ids] * len(prompts), test,
+    ...               tokenizer)
+    0.0
     """
     if not examples:
         raise InputError("no examples to score", where="task_accuracy")
