@@ -133,6 +133,8 @@ def _tokenizer_or_none(model_dir):
 
 
 def cmd_generate(args) -> dict:
+    """``jaxcombine generate``: continue ``--prompt`` texts (or ``--prompt-ids``) with one
+    model or an ensemble of ``--model`` directories; ``{"tokens", "text"}`` per prompt."""
     from jaxcombine.decoding import Sampling, check_beams, generate, validate_prompts
     from jaxcombine.hf import load_config, load_tokenizer
 
@@ -180,6 +182,8 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_score(args) -> dict:
+    """``jaxcombine score``: negative log-likelihood of a text file under one model or
+    an ensemble, in windows of the context length; ``{"tokens", "nll", "ppl"}``."""
     from jaxcombine.decoding import score_with
     from jaxcombine.hf import load_config, load_tokenizer
 
@@ -213,6 +217,8 @@ def cmd_score(args) -> dict:
 
 
 def cmd_merge(args) -> dict:
+    """``jaxcombine merge``: a mergekit YAML config, checked and planned before any
+    tensor is read (``--dry-run`` prints the plan), then streamed into ``out_dir``."""
     from jaxcombine.merging.mergekit import load_merge_config, plan_merge, run_merge
 
     config = load_merge_config(args.config)
@@ -231,6 +237,8 @@ def cmd_merge(args) -> dict:
 
 
 def cmd_moe(args) -> dict:
+    """``jaxcombine moe``: a mergekit-moe YAML config (dense models as experts plus
+    router prompts) into an HF Mixtral directory; ``--dry-run`` prints the plan."""
     from jaxcombine.moe.mergekit import load_moe_config, plan_moe, run_moe
 
     config = load_moe_config(args.config)
@@ -250,6 +258,8 @@ def cmd_moe(args) -> dict:
 
 
 def cmd_extract_lora(args) -> dict:
+    """``jaxcombine extract-lora``: the truncated SVD of ``model - base`` per linear
+    layer, written as a PEFT LoRA adapter of rank at most ``--max-rank``."""
     from jaxcombine.lora import extract_lora
 
     return extract_lora(
@@ -262,6 +272,9 @@ def cmd_extract_lora(args) -> dict:
 
 
 def cmd_tour(args) -> dict:
+    """``jaxcombine tour``: :func:`jaxcombine.tour.run.run_tour`; with ``--check``, a
+    :class:`~jaxcombine.tour.report.ClaimNotHeldError` names every required claim that
+    did not hold (exit code 2)."""
     from jaxcombine.tour.report import ClaimNotHeldError
     from jaxcombine.tour.run import run_tour
 
@@ -294,6 +307,8 @@ def cmd_tour(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxcombine`` argument parser: one sub-command per task, each with its
+    handler in ``args.run``."""
     parser = argparse.ArgumentParser(prog="jaxcombine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"jaxcombine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -417,6 +432,17 @@ def _print_human(command: str, result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; 0 on success, 2 (with the error on stderr) for a
+    :class:`~jaxcombine.errors.JaxcombineError`, which names the file or option and
+    the fix.
+
+    >>> import contextlib, io
+    >>> stderr = io.StringIO()
+    >>> with contextlib.redirect_stderr(stderr):
+    ...     code = main(["tour", "--sections", "9", "--out", "unused"])
+    >>> code, "no tour section [9]" in stderr.getvalue()
+    (2, True)
+    """
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)

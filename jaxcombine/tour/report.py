@@ -27,7 +27,24 @@ class ClaimNotHeldError(JaxcombineError):
 
 @dataclasses.dataclass
 class Table:
-    """A titled table; cells are strings or numbers (floats shown with ``digits``)."""
+    """A titled table; cells are strings or numbers (floats shown with ``digits``).
+
+    >>> table = Table("NLL", ["model", "NLL"], [["member", 2.5691], ["ensemble", float("nan")]])
+    >>> print(table.console())
+    NLL
+    model     NLL
+    --------  -----
+    member    2.569
+    ensemble  nan
+    >>> print(table.markdown())
+    **NLL**
+    <BLANKLINE>
+    | model | NLL |
+    |---|---|
+    | member | 2.569 |
+    | ensemble | nan |
+    <BLANKLINE>
+    """
 
     title: str
     columns: Sequence[str]
@@ -66,7 +83,12 @@ def _cell(value: Any, digits: int) -> str:
 @dataclasses.dataclass
 class Claim:
     """A published statement checked at this scale: ``measured`` holds the numbers
-    it was judged on, ``held`` the verdict."""
+    it was judged on, ``held`` the verdict.
+
+    >>> Claim("An ensemble beats its best member", {"ensemble": 2.35, "best": 2.569},
+    ...       held=2.35 < 2.569, required=True).line()
+    '- **held** [required]: An ensemble beats its best member (ensemble = 2.350, best = 2.569)'
+    """
 
     statement: str
     measured: dict[str, Any]
@@ -83,7 +105,9 @@ class Claim:
 
 @dataclasses.dataclass
 class Section:
-    """What a section of the tour measured."""
+    """What a section of the tour measured: its tables, plot files (relative to the
+    output directory), figures, claims and run time; ``markdown()`` is its part of
+    ``report.md``."""
 
     number: int
     title: str
@@ -123,6 +147,7 @@ def results_document(sections: Sequence[Section], settings: dict[str, Any]) -> d
 
 
 def report_markdown(sections: Sequence[Section], settings: dict[str, Any]) -> str:
+    """``report.md``: the settings, how many claims held, then every section."""
     claims = [c for s in sections for c in s.claims]
     held = sum(c.held for c in claims)
     lines = [
@@ -143,7 +168,24 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_outputs(out: Path, sections: Sequence[Section], settings: dict[str, Any]) -> None:
-    """Write ``report.md`` and ``results.json`` into ``out`` (each renamed when complete)."""
+    """Write ``report.md`` and ``results.json`` into ``out`` (each renamed when complete).
+
+    ``results.json`` is strict JSON: numpy values become numbers and lists, and an
+    undefined ratio (NaN) becomes ``null``.
+
+    >>> import json, tempfile, pathlib
+    >>> import numpy as np
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> claim = Claim("kept half", {"kept": float("nan")}, held=False)
+    >>> section = Section(6, "Distillation", figures={"nll": np.array([2.5, 2.25])},
+    ...                   claims=[claim])
+    >>> write_outputs(out, [section], {"scale": "tiny"})
+    >>> document = json.loads((out / "results.json").read_text())
+    >>> document["sections"]["6"]["figures"], document["claims"][0]["measured"]
+    ({'nll': [2.5, 2.25]}, {'kept': None})
+    >>> sorted(p.name for p in out.iterdir())
+    ['report.md', 'results.json']
+    """
     out.mkdir(parents=True, exist_ok=True)
     document = _json_safe(results_document(sections, settings))
     text = json.dumps(document, indent=2, allow_nan=False)

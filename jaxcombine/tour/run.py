@@ -25,7 +25,9 @@ from jaxcombine.tour.report import Section, write_outputs
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    """Sizes of one tour run."""
+    """Sizes of one tour run: :data:`FULL` (the claims' scale, at most 15 minutes on
+    2 CPU cores), :data:`QUICK` (at most 3 minutes) and :data:`TINY` (the tests).
+    Sections scale their own models from ``name``."""
 
     name: str
     lm_hidden: int  # width of the corpus language models
@@ -59,7 +61,12 @@ class Tour:
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
-        """``make()`` once per tour; later sections get the same object."""
+        """``make()`` once per tour; later sections get the same object.
+
+        >>> tour = Tour(Path("unused"), TINY)
+        >>> tour.cached("members", lambda: [1, 2]) is tour.cached("members", lambda: [3])
+        True
+        """
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
@@ -115,7 +122,15 @@ def run_tour(
 ) -> list[Section]:
     """Run the chosen ``sections`` (default: all) and write ``out/report.md``,
     ``out/results.json`` and ``out/plots/*.png``; returns the sections. ``scale``
-    overrides ``quick`` (:data:`FULL` or :data:`QUICK`)."""
+    overrides ``quick`` (:data:`FULL` or :data:`QUICK`). Bad ``sections`` and
+    ``data`` raise :class:`~jaxcombine.errors.InputError` before anything is trained
+    or written.
+
+    Example (the distillation section reuses section 1's members)::
+
+        sections = run_tour("tour-out", quick=True, sections=[1, 6])
+        [c.held for s in sections for c in s.claims if c.required]
+    """
     chosen = list(sections or SECTIONS)
     unknown = [n for n in chosen if n not in SECTIONS]
     if unknown:
