@@ -45,11 +45,25 @@ def upcycle(
     every layer with Mixtral's routing gets ``model_type="mixtral"``, so it
     can be written with :func:`jaxcombine.hf.save_model`.
 
-    Example::
+    A two-layer Llama upcycled to four experts: every expert is the dense MLP.
 
-        dense = load_model("tiny-llama")
-        moe = upcycle(dense, num_experts=8, rngs=nnx.Rngs(0))
-        save_model(moe, "tiny-llama-8x")        # a Mixtral directory
+    >>> import numpy as np
+    >>> from jaxcombine.models import DecoderConfig
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    >>> dense = Decoder(config, rngs=nnx.Rngs(0))
+    >>> moe = upcycle(dense, num_experts=4, rngs=nnx.Rngs(1))
+    >>> moe.config.model_type, moe.layers[1].moe.up.shape, moe.layers[1].moe.router.shape
+    ('mixtral', (4, 8, 8), (8, 4))
+    >>> mlp, experts = dense.layers[1].mlp, moe.layers[1].moe
+    >>> all(np.array_equal(experts.up[...][e], mlp.up_proj.kernel[...])
+    ...     and np.array_equal(experts.down[...][e], mlp.down_proj.kernel[...]) for e in range(4))
+    True
+
+    (tests/test_mixtral.py checks the logits against transformers' dense Llama.)
+
+    With an HF checkpoint: ``save_model(upcycle(load_model("tiny-llama"),
+    num_experts=8, rngs=nnx.Rngs(0)), "tiny-llama-8x")`` writes a Mixtral directory.
     """
     dense = model.config
     if dense.moe is not None:
