@@ -65,7 +65,11 @@ _CONVERT_HINT = (
 
 class TensorInfo(NamedTuple):
     """Where a tensor's data lies, from the file header (:class:`SafetensorsCheckpoint`
-    ``.infos``, which has an example)."""
+    ``.infos``, which has an example).
+
+    >>> TensorInfo._fields
+    ('name', 'shape', 'dtype', 'file', 'offset')
+    """
 
     name: str
     shape: tuple[int, ...]

@@ -44,7 +44,13 @@ class KVCache(NamedTuple):
 
     Rows are aligned: slot ``next_index`` is written next in every row, and a
     left-padded prompt leaves its padding slots invalid in ``key_valid``.
-    Made by :func:`init_cache`, which has an example.
+    Made by :func:`init_cache`:
+
+    >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2,
+    ...                        num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> cache = init_cache(config, batch=3, max_length=5)
+    >>> cache.keys[1].shape, cache.key_valid.shape, cache.next_position.tolist()
+    ((3, 1, 5, 4), (3, 5), [0, 0, 0])
     """
 
     keys: tuple[jax.Array, ...]  # L x [B, K, S, D]

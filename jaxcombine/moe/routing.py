@@ -495,7 +495,12 @@ def combine(expert_out: jax.Array, routing: Routing) -> jax.Array:
 
 class ExpertChoice(NamedTuple):
     """Expert-choice routing: ``tokens`` [G, E, C] each expert's tokens, ``weights`` [G, E, C]
-    their router probabilities (made by :func:`expert_choice`, which has an example)."""
+    their router probabilities (made by :func:`expert_choice`).
+
+    >>> choice = expert_choice(jnp.array([[[0.9, 0.1], [0.2, 0.8]]]), 1)
+    >>> isinstance(choice, ExpertChoice), choice.tokens.tolist()
+    (True, [[[0], [1]]])
+    """
 
     tokens: jax.Array
     weights: jax.Array

@@ -40,7 +40,16 @@ class OutTensor:
 @dataclass
 class MoEPlan:
     """Everything :func:`run_moe` needs, checked (made by :func:`plan_moe`, which has
-    an example): the open checkpoints, every output tensor, the output config."""
+    an example): the open checkpoints, every output tensor, the output config.
+
+    >>> from pathlib import Path
+    >>> from jaxcombine.moe.mergekit import Expert, MoEMergeConfig
+    >>> config = MoEMergeConfig("base", Path("base"), (Expert("a", Path("a")),), "random")
+    >>> plan = MoEPlan(config, {}, [OutTensor("w", (2, 4))], {}, np.dtype("float32"),
+    ...                num_layers=1, hidden_size=4, prompt_ids=[([], [])])
+    >>> plan.total_bytes                                    # 2 * 4 float32
+    32
+    """
 
     config: MoEMergeConfig
     checkpoints: dict[str, SafetensorsCheckpoint]  # model reference -> headers

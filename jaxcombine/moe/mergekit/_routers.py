@@ -240,8 +240,20 @@ def random_rows(key, num_layers: int, num_experts: int, hidden: int, *, uniform:
 def router_rows(plan: MoEPlan, *, seed: int = 0) -> np.ndarray:
     """Every layer's router rows [L, X, E] float32, by the plan's gate_mode:
     :func:`cheap_embed_rows`, :func:`hidden_rows` (the base model loaded and run)
-    or :func:`random_rows` keyed by ``seed``. An example is in :func:`run_moe`,
-    which writes them as ``block_sparse_moe.gate.weight``."""
+    or :func:`random_rows` keyed by ``seed``; :func:`run_moe` writes them as
+    ``block_sparse_moe.gate.weight`` (its example checks that).
+
+    A random plan needs no checkpoint (``plan_moe`` makes real plans):
+
+    >>> from jaxcombine.moe.mergekit import Expert, MoEMergeConfig, MoEPlan
+    >>> experts = (Expert("a", Path("a")), Expert("b", Path("b")))
+    >>> config = MoEMergeConfig("base", Path("base"), experts, gate_mode="uniform_random")
+    >>> plan = MoEPlan(config, {}, [], {}, np.dtype("float32"), num_layers=2, hidden_size=16,
+    ...                prompt_ids=[([], [])] * 2)
+    >>> rows = router_rows(plan, seed=0)
+    >>> rows.shape, bool(np.all(np.abs(rows) <= 0.25))                # [L, X, E], 1 / sqrt(16)
+    ((2, 2, 16), True)
+    """
     import jax
 
     config, L, E = plan.config, plan.num_layers, plan.hidden_size
