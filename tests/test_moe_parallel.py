@@ -321,6 +321,15 @@ def test_bad_input_errors():
         _bad(exchange="fast")
 
 
+def test_a_mesh_with_explicit_axes_is_refused_clearly():
+    """jax.make_mesh gives Explicit axes by default; shard_map's own error would not say so."""
+    layer = SparseMoE(MoEConfig(8, 16, 24), rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    with pytest.raises(ConfigError, match=r"mesh axes \['data', 'expert'\] are Explicit") as e:
+        expert_parallel(layer, jax.ShapeDtypeStruct((8, 6, 16), jnp.float32), mesh)
+    assert "jaxcombine.distributed.make_mesh" in str(e.value)
+
+
 # ---- two processes ---------------------------------------------------------------------
 
 

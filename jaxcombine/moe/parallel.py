@@ -171,6 +171,19 @@ def _plan(
                 fix=f"name a mesh axis ({', '.join(map(repr, axes))})"
                 + (", or data_axis=None for a 1-D expert mesh" if name == "data_axis" else ""),
             )
+    explicit = [
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
+    ]
+    if explicit:
+        raise ConfigError(
+            f"mesh axes {explicit} are Explicit (jax.make_mesh's default); expert_parallel "
+            "places the exchange itself with shard_map over Auto axes",
+            where=where,
+            fix="build the mesh with jaxcombine.distributed.make_mesh, or pass "
+            "axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names) to jax.make_mesh",
+        )
     if data_axis == expert_axis:
         raise ConfigError(
             f"data_axis and expert_axis are both {expert_axis!r}",
