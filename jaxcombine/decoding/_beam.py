@@ -138,7 +138,7 @@ def beam_search(
     >>> best = beam_search(d.forward, d.params, logits, cache, jnp.array([-1]), jnp.int32(0),
     ...                    num_beams=16, max_new_tokens=2)      # [B, N]; -1: no EOS
     >>> pairs = jnp.array([[1, 2, 3, a, b] for a in range(16) for b in range(16)])
-    >>> lp = jax.nn.log_softmax(model(pairs).logits)           # all 256 continuations
+    >>> lp = jax.nn.log_softmax(jax.jit(lambda t: model(t).logits)(pairs))  # all 256, no cache
     >>> rows = jnp.arange(256)
     >>> total = lp[rows, 2, pairs[:, 3]] + lp[rows, 3, pairs[:, 4]]
     >>> best[0].tolist() == pairs[int(total.argmax()), 3:].tolist()

@@ -316,13 +316,15 @@ def cascade_generate(
     >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
     ...                        num_heads=2, num_kv_heads=1, head_dim=4)
     >>> model = Decoder(config, rngs=nnx.Rngs(0))
-    >>> from jaxcombine.decoding import generate, layer_skip_draft
+    >>> from jaxcombine.decoding import layer_skip_draft
     >>> small = layer_skip_draft(model, 1)
+    >>> def greedy_of(m, new):   # is every new token m's argmax after the tokens before it?
+    ...     return new == m(jnp.array([[1, 2, 3] + new])).logits[0, 2:-1].argmax(-1).tolist()
     >>> never = cascade_generate(small, model, [[1, 2, 3]], threshold=0.0, max_new_tokens=5)
-    >>> never.tokens == generate(small, [[1, 2, 3]], max_new_tokens=5), never.large_calls
+    >>> greedy_of(small, never.tokens[0]), never.large_calls
     (True, 0)
     >>> always = cascade_generate(small, model, [[1, 2, 3]], threshold=1.1, max_new_tokens=5)
-    >>> always.tokens == generate(model, [[1, 2, 3]], max_new_tokens=5), always.deferred
+    >>> greedy_of(model, always.tokens[0]), always.deferred
     (True, 1.0)
     """
     small, large = Decodable.of(small), Decodable.of(large)

@@ -51,10 +51,10 @@ class DecoderForward:
     >>> model = Decoder(config, rngs=nnx.Rngs(0))
     >>> graphdef, params = nnx.split(model)
     >>> forward = DecoderForward(graphdef)
-    >>> tokens = jnp.array([[1, 2, 3]])
-    >>> logits, cache = forward(params, tokens, jnp.ones((1, 3), bool), None)
+    >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    >>> logits, cache = forward(params, tokens, tokens > 0, None)
     >>> logits.shape, bool(jnp.allclose(logits, model(tokens).logits))
-    ((1, 3, 16), True)
+    ((1, 8, 16), True)
     """
 
     graphdef: Any

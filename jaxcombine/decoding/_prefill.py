@@ -79,9 +79,10 @@ def prefill(forward, params, tokens, mask, cache):
     >>> model = Decoder(config, rngs=nnx.Rngs(0))
     >>> from jaxcombine.decoding import Decodable
     >>> d = Decodable.of(model)
-    >>> tokens, mask = left_pad([[1, 2, 3]], 16, pad_id=0)
+    >>> ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    >>> tokens, mask = left_pad([ids], 16, pad_id=0)
     >>> last, cache = prefill(d.forward, d.params, tokens, mask, d.init_cache(1, 16 + 5))
-    >>> ref = model(jnp.array([[1, 2, 3]])).logits[:, -1]   # no padding, no cache
+    >>> ref = model(jnp.array([ids])).logits[:, -1]        # no padding, no cache
     >>> bool(jnp.allclose(last, ref, atol=1e-5)), int(cache.next_index)
     (True, 16)
     """
@@ -172,8 +173,8 @@ def prefill_prefix(model, tokens: Sequence[int]) -> PrefixState:
     >>> system = prefill_prefix(model, [1, 2, 3])       # once
     >>> system.logits.shape, system.cache.key_valid.shape
     ((1, 16), (1, 3))
-    >>> reused = generate(model, [[4, 5], [6]], max_new_tokens=4, prefix=system)
-    >>> reused == generate(model, [[1, 2, 3, 4, 5], [1, 2, 3, 6]], max_new_tokens=4)
+    >>> reused = generate(model, [[4, 5]], max_new_tokens=5, prefix=system)
+    >>> reused == generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=5)   # from scratch
     True
     """
     model = Decodable.of(model)
@@ -230,8 +231,8 @@ def start_from_prefix(model: Decodable, prefix: PrefixState, prompts, pad_id: in
     >>> from jaxcombine.decoding import Decodable
     >>> d = Decodable.of(model)
     >>> state = prefill_prefix(d, [1, 2, 3])
-    >>> logits, cache = start_from_prefix(d, state, [[4, 5], []], pad_id=0, slots=4)
-    >>> ref = model(jnp.array([[1, 2, 3, 4, 5]])).logits[0, -1]   # from scratch
+    >>> logits, cache = start_from_prefix(d, state, [[4, 5, 6, 7, 8], []], pad_id=0, slots=4)
+    >>> ref = model(jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])).logits[0, -1]   # from scratch
     >>> bool(jnp.allclose(logits[0], ref, atol=1e-5))
     True
     >>> bool(jnp.array_equal(logits[1], state.logits[0]))         # empty prompt: the prefix's

@@ -68,7 +68,7 @@ class MCDropout:
     Residual dropout zeroes each entry with probability ``rate`` and scales
     the rest by ``1 / (1 - rate)``; every forward call draws fresh masks.
 
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxcombine.ensemble import ensemble
     >>> from jaxcombine.models import Decoder, DecoderConfig
@@ -78,7 +78,7 @@ class MCDropout:
     >>> ens.forward.num_members
     3
     >>> tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
-    >>> z, _, _ = ens.forward.member_outputs(ens.params, tokens, tokens > 0, None)
+    >>> z, _, _ = jax.jit(ens.forward.member_outputs)(ens.params, tokens, tokens > 0, None)
     >>> z.shape, bool(jnp.allclose(z[0], z[1]))                # members differ by their masks
     ((3, 1, 8, 16), False)
     """

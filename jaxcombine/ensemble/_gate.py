@@ -72,10 +72,10 @@ class Gate(nnx.Module):
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> gate = Gate(num_members=2, hidden_size=8, width=4, rngs=nnx.Rngs(0))
-    >>> hidden = jax.random.normal(jax.random.key(0), (2, 1, 3, 8))   # [N, B, T, E]
+    >>> hidden = jnp.sin(jnp.arange(48.0)).reshape(2, 1, 3, 8)        # [N, B, T, E]
     >>> gate(hidden).tolist()                                          # [N, B, T], uniform
     [[[0.5, 0.5, 0.5]], [[0.5, 0.5, 0.5]]]
-    >>> gate.out.kernel.set_value(jax.random.normal(jax.random.key(1), (4, 2)))  # as if trained
+    >>> gate.out.kernel.set_value(jnp.array([[1.0, -1.0], [0.5, 2.0], [-1.0, 0.0], [2.0, 1.0]]))
     >>> p = nnx.to_pure_dict(nnx.state(gate))
     >>> x = jnp.concatenate([hidden[0], hidden[1]], axis=-1)          # [B, T, N*E]
     >>> W1 = p["hidden"]["kernel"].reshape(16, 4)                      # [N, E, width] -> [N*E, width]

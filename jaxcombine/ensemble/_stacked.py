@@ -222,11 +222,10 @@ def generate_ensemble(
     >>> config = DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2,
     ...                        num_heads=2, num_kv_heads=1, head_dim=4)
     >>> members = [Decoder(config, rngs=nnx.Rngs(i)) for i in range(2)]
-    >>> new = generate_ensemble(members, [[1, 2, 3]], Combination("loglinear"),
-    ...                         max_new_tokens=5)[0]
-    >>> z = jnp.stack([m(jnp.array([[1, 2, 3] + new])).logits[0] for m in members])
-    >>> log_p = jax.nn.log_softmax(z).mean(0)               # log of the product of experts
-    >>> new == log_p[2:-1].argmax(-1).tolist()
+    >>> from jaxcombine.decoding import generate
+    >>> rule = Combination("linear")                         # uniform mixture
+    >>> new = generate_ensemble(members, [[1, 2, 3]], rule, max_new_tokens=5)
+    >>> new == generate(stacked(members, rule), [[1, 2, 3]], max_new_tokens=5)
     True
     """
     check_beams(num_beams, sampling)  # before the members are stacked
