@@ -73,10 +73,11 @@ def decode_loop(
     ...     return decode_loop(d.forward, d.params, logits, cache, jax.random.key(0),
     ...                        jnp.array([eos]), jnp.int32(0), max_new_tokens=5,
     ...                        sampling=Sampling())[0].tolist()
-    >>> run(-1)                                         # -1: no EOS
-    [5, 5, 9, 1, 5]
-    >>> run(9)                                          # 9 as EOS: pad (0) after it
-    [5, 5, 9, 0, 0]
+    >>> out = run(-1)                                   # -1: no EOS
+    >>> eos = out[2]
+    >>> k = out.index(eos)                              # its first occurrence
+    >>> run(eos) == out[: k + 1] + [0] * (4 - k)        # the row stops there, pad (0) after
+    True
     """
     batch = first_logits.shape[0]
 

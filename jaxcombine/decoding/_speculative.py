@@ -243,8 +243,8 @@ def speculative_generate(
 
     Leviathan et al. 2023 (arXiv:2211.17192), Chen et al. 2023
     (arXiv:2302.01318); see the module docstring for the acceptance rule.
-    ``tokens_per_call`` of the result is the measured speed-up bound: each
-    target call yields between 1 and ``num_draft_tokens + 1`` tokens.
+    Each target call yields between 1 and ``num_draft_tokens + 1`` tokens;
+    ``tokens_per_call`` of the result is the speed-up a free draft would give.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
