@@ -64,7 +64,7 @@ def check_beams(num_beams, sampling, where: str = "num_beams") -> None:
     >>> check_beams(4, Sampling(temperature=0.7))
     Traceback (most recent call last):
     ...
-    jaxcombine.errors.InputError: num_beams: beams combined with sampling (num_beams=4, temperature=0.7) are not supported
+    jaxcombine.errors.InputError: num_beams: beams combined with sampling ... are not supported
       How to fix: use num_beams=1 to sample, or greedy settings (temperature 0) for beam search
     """
     if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:

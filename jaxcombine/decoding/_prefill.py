@@ -320,7 +320,7 @@ def load_prefix(path, model) -> PrefixState:
     >>> load_prefix(path, Decoder(config, rngs=nnx.Rngs(1)))
     Traceback (most recent call last):
     ...
-    jaxcombine.errors.InputError: ...: the prefix state was made by a different model (or ensemble, or rule)
+    jaxcombine.errors.InputError: ...: the prefix state was made by a different model (or ...)
       How to fix: load it with the model that saved it, or prefill the prefix again
     >>> tmp.cleanup()
     """
@@ -364,4 +364,3 @@ def load_prefix(path, model) -> PrefixState:
             path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         ).state
     return PrefixState(tokens, state["cache"], state["logits"], meta["fingerprint"])
-

@@ -78,7 +78,7 @@ class Gate(nnx.Module):
     >>> gate.out.kernel.set_value(jnp.array([[1.0, -1.0], [0.5, 2.0], [-1.0, 0.0], [2.0, 1.0]]))
     >>> p = nnx.to_pure_dict(nnx.state(gate))
     >>> x = jnp.concatenate([hidden[0], hidden[1]], axis=-1)          # [B, T, N*E]
-    >>> W1 = p["hidden"]["kernel"].reshape(16, 4)                      # [N, E, width] -> [N*E, width]
+    >>> W1 = p["hidden"]["kernel"].reshape(16, 4)                      # [N * E, width]
     >>> g = jax.nn.gelu(x @ W1 + p["hidden"]["bias"]) @ p["out"]["kernel"] + p["out"]["bias"]
     >>> bool(jnp.allclose(gate(hidden), jnp.moveaxis(jax.nn.softmax(g), -1, 0), atol=1e-6))
     True

@@ -64,7 +64,7 @@ class Combination:
     >>> Combination("linear", weights=(1.0, -0.5))
     Traceback (most recent call last):
     ...
-    jaxcombine.errors.ConfigError: --weights: linear interpolation needs non-negative weights with a positive sum, got [1.0, -0.5]
+    jaxcombine.errors.ConfigError: --weights: linear interpolation needs non-negative ... -0.5]
       How to fix: use log-linear or logit arithmetic (--combine logits) for negative weights
     """
 
