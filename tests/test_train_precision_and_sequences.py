@@ -413,14 +413,13 @@ def test_sequence_distillation_learns_the_ensembles_continuations(corpus, teache
     control_dir = tmp_path / "control"
     lm.main(["--config", str(control_path), "--workdir", str(control_dir)])
 
-    # hard_weight defaults to 1 in sequence mode: the loss is the hard term alone
+    # hard_weight defaults to 1 in sequence mode: the loss is the hard term alone, and the
+    # teachers are not run in the training step (no soft term is computed)
     records = read_metrics(student_dir)
     assert len(records) == STUDENT_STEPS
     for r in records:
         assert r["loss"] == pytest.approx(r["hard_loss"], abs=1e-6)
-    # ... and not a mixture: loss = h * hard + (1 - h) * soft at temperature 1, with
-    # the two terms well apart, pins h to 1 within 1e-5
-    assert max(abs(r["hard_loss"] - r["soft_loss"]) for r in records) > 0.1
+        assert "soft_loss" not in r
     student_losses = np.array([r["loss"] for r in records])
     assert np.mean(student_losses[-10:]) < 0.5 * np.mean(student_losses[:5])
     assert json.loads((student_dir / "job.json").read_text())["mode"] == "sequence"

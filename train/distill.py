@@ -48,7 +48,7 @@ from jaxcombine.distill import distillation_loss, ensemble_log_probs, teacher_lo
 from jaxcombine.ensemble import Combination, StackedForward, stack_members
 from jaxcombine.errors import ConfigError
 from jaxcombine.hf import classifier_config, is_classifier_dir, load_classifier, load_model
-from jaxcombine.training import place
+from jaxcombine.training import place, token_cross_entropy
 from train import classifier, common
 
 DEFAULTS = {
@@ -131,8 +131,11 @@ def distill_loss(student_graphdef, teacher, temperature: float, hard_weight: flo
     def loss(params, rows, key, teacher_params):
         del key
         inputs, targets = rows[:, :-1], rows[:, 1:]
-        teacher_lp = teacher_log_probs(teacher, teacher_params, inputs)
         student = nnx.merge(student_graphdef, params)(inputs).logits
+        if hard_weight == 1.0:  # hard labels alone (sequence mode's default): no teacher pass
+            hard = token_cross_entropy(student, targets)
+            return hard, {"hard_loss": hard}
+        teacher_lp = teacher_log_probs(teacher, teacher_params, inputs)
         return distillation_loss(
             student, teacher_lp, targets, temperature=temperature, hard_weight=hard_weight
         )
