@@ -11,6 +11,13 @@ rows, scored on the other half) are compared by NLL per token. Lakshminarayanan
 et al. 2017 (arXiv:1612.01474) report that ensembles of seeds beat their
 members; bagging usually adds less for neural networks because each
 resample sees only ~63% of the distinct rows.
+
+Measured at full scale (``jaxcombine tour``, NLL per token on held-out rows):
+seeds: best member 2.569, linear 2.389, log-linear 2.350, gate 2.462;
+bagging: best member 2.606, linear 2.405, log-linear 2.362, gate 2.479. The
+product of experts is the best rule for members trained on the same data;
+the gate, trained on ~100 held-out rows for members that do not specialise,
+recovers only part of the uniform rules' gain.
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ held-out rows (the even rows) and scored on the other half. The fine-tune on the
 package is itself the strongest in-domain model here; the question is how
 much of its gain the general model recovers from the difference of two
 models, and what it costs on the out-of-domain package.
+
+Measured at full scale (``jaxcombine tour``, NLL per token on the test halves,
+email in-domain, json out-of-domain): G 2.056 / 2.972, I 1.884 / 3.649,
+O 3.649 / 3.049; in the outputs (alpha 0.25) 1.976 / 3.462, in the weights
+(alpha 0.25) 1.979 / 3.275: they recover 47% and 45% of I's in-domain gain over
+G, and the weight-space edit costs less out of domain.
 """
 
 from __future__ import annotations
