@@ -267,6 +267,7 @@ def train(
     rows = batch_sharding(mesh)
     state_sharding = _shardings_of(state)
     replicated = NamedSharding(mesh, P())
+    constants = _on_mesh(constants, mesh)
     step_fn = jax.jit(
         make_train_step(loss_fn, optimizer, compute_dtype),
         in_shardings=(state_sharding, rows, replicated, _shardings_of(constants)),
@@ -318,6 +319,20 @@ def _initial_state(params, shardings, optimizer, mesh):
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     step = place(np.zeros((), np.int32), replicated)
     return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def _on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Arrays already placed on ``mesh`` as they are; anything else (host arrays, an
+    array on one device) replicated on it with :func:`place`."""
+    replicated = NamedSharding(mesh, P())
+
+    def put(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return place(x, replicated)
+
+    return jax.tree.map(put, tree)
 
 
 def _shardings_of(tree: Any) -> Any:
