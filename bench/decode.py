@@ -122,6 +122,7 @@ from jaxcombine.ensemble import (
 )
 from jaxcombine.hf import load_model
 from jaxcombine.models import init_cache
+from jaxcombine.tour.sections.speed import interleaved_medians
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -409,19 +410,6 @@ QUESTION = 32  # tokens after it per request
 REUSE_NEW = 32  # new tokens per request
 
 
-def timed(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each function (first call excluded), interleaved."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_prefix_reuse(models, repeats) -> tuple[list[tuple], dict]:
     """A request = a shared 448-token prefix + its own 32 tokens, 32 new tokens,
     batch 8: ``generate`` from scratch vs from ``prefill_prefix``'s state (made
@@ -435,7 +423,7 @@ def bench_prefix_reuse(models, repeats) -> tuple[list[tuple], dict]:
         state = prefill_prefix(model, system)
         scratch = generate(model, [system + q for q in questions], **options)
         reused = generate(model, questions, prefix=state, **options)
-        s = timed(
+        _, s = interleaved_medians(
             {
                 "scratch": lambda m=model: generate(m, [system + q for q in questions], **options),
                 "reuse": lambda m=model, st=state: generate(m, questions, prefix=st, **options),
@@ -463,7 +451,7 @@ def bench_speculative(models, new, repeats) -> tuple[list[tuple], dict]:
     ):
         plain = generate(target, prompt, **options)
         spec = speculative_generate(target, draft, prompt, num_draft_tokens=4, **options)
-        s = timed(
+        _, s = interleaved_medians(
             {
                 "plain": lambda t=target: generate(t, prompt, **options),
                 "spec": lambda t=target: speculative_generate(

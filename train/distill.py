@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tokenizers import Tokenizer
 
 from jaxcombine import tree
@@ -48,7 +45,7 @@ from jaxcombine.distill import distillation_loss, ensemble_log_probs, teacher_lo
 from jaxcombine.ensemble import Combination, StackedForward, stack_members
 from jaxcombine.errors import ConfigError
 from jaxcombine.hf import classifier_config, is_classifier_dir, load_classifier, load_model
-from jaxcombine.training import place, token_cross_entropy
+from jaxcombine.training import token_cross_entropy
 from train import classifier, common
 
 DEFAULTS = {
@@ -196,12 +193,6 @@ def hard_weight(config) -> float:
     return weight
 
 
-def replicated(mesh, tree_):
-    """Teachers' parameters on every device of ``mesh``."""
-    sharding = NamedSharding(mesh, P())
-    return place(tree_, jax.tree.map(lambda _: sharding, tree_))
-
-
 def distill_decoders(config, workdir) -> None:
     mesh = common.start(config)
     tokenizer_file = common.tokenizer_path(config)
@@ -215,7 +206,6 @@ def distill_decoders(config, workdir) -> None:
         dataset = ensemble_sequences(teacher, teacher_params, teacher_config, dataset, config)
     graphdef, params = common.split_params(student)
     loss = distill_loss(graphdef, teacher, config["temperature"], weight)
-    teacher_params = replicated(mesh, teacher_params)
     params = common.run(
         "distill", config, workdir, loss, params, dataset, mesh, constants=teacher_params
     )
@@ -241,7 +231,6 @@ def distill_classifiers(config, workdir) -> None:
     loss = classifier_distill_loss(
         graphdef, teacher_graphdef, rule, config["temperature"], hard_weight(config)
     )
-    teacher_params = replicated(mesh, teacher_params)
     params = common.run(
         "distill", config, workdir, loss, params, dataset, mesh, constants=teacher_params
     )
