@@ -336,6 +336,10 @@ def pack(sequences, seq_len: int, *, eos_id: int | None) -> np.ndarray:
     [[1, 2, 3, 0]]
     >>> pack([[1, 2, 3], [], [4, 5, 6, 7, 8]], seq_len=2, eos_id=None).tolist()
     [[1, 2, 3], [4, 5, 6]]
+
+    References: packing as in GPT-3 (Brown et al. 2020, Language Models are Few-Shot Learners,
+    arXiv:2005.14165) and T5 (Raffel et al. 2020, Exploring the Limits of Transfer Learning with a
+    Unified Text-to-Text Transformer, arXiv:1910.10683).
     """
     seq_len = _check_positive("seq_len", seq_len)
     width = seq_len + 1
@@ -400,6 +404,9 @@ def sample_indices(
     >>> want = [epoch_order(5, 0, i // 5)[i % 5] for i in range(3, 7)]
     >>> got.tolist() == [int(i) for i in want]
     True
+
+    References: ``bootstrap=True`` (bagging): Breiman 1996, Bagging Predictors, Machine Learning
+    24(2).
     """
     stop = start + count
     parts = []
@@ -531,6 +538,9 @@ class PackedDataset(_SeededBatches):
     >>> batch = data.batch(2, 2, seed=0)           # positions 4, 5: epochs 0 and 1
     >>> bool(np.array_equal(batch, data.rows[sample_indices(5, 4, 2, 0)]))
     True
+
+    References: rows packed as :func:`pack` (Brown et al. 2020, arXiv:2005.14165);
+    ``bootstrap=True`` batches (bagging): Breiman 1996, Bagging Predictors, Machine Learning 24(2).
     """
 
     rows: np.ndarray  # [N, L+1]

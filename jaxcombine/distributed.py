@@ -125,11 +125,19 @@ def initialize(
     Must run before any JAX computation (or ``jax.devices()``) in a multi-process
     run; ``timeout_s`` bounds the wait for the other processes.
 
-    Example (not a doctest: it changes the process's global state)::
+    On a pod (not run here: it joins the other processes)::
 
         initialize()            # TPU pod, SLURM, Open MPI, the launcher: settings found
         initialize(coordinator_address="10.0.0.2:8476", num_processes=4,
                    process_id=int(os.environ["RANK"]))    # or given explicitly
+
+    Half a set-up is refused before anything starts (no address or id here):
+
+    >>> try:
+    ...     initialize(num_processes=2)
+    ... except ConfigError as error:
+    ...     print(type(error).__name__, "raised;", jax.distributed.is_initialized())
+    ConfigError raised; False
 
     Raises:
         ConfigError: some of address, count and id are set but not all (and no

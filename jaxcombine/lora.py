@@ -99,6 +99,9 @@ def low_rank(delta: jax.Array, rank: int):
     >>> b, a, err_sq, norm_sq = low_rank(jnp.diag(jnp.array([3.0, 1.0])), rank=1)
     >>> print(b[:, 0], a[0], err_sq, norm_sq)
     [3. 0.] [1. 0.] 1.0 10.0
+
+    References: Eckart & Young 1936, The Approximation of One Matrix by Another of Lower Rank,
+    Psychometrika 1(3).
     """
     delta = delta.astype(jnp.float32)
     u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
@@ -494,6 +497,10 @@ def extract_lora(
     >>> A.shape, B.shape, np.allclose(B @ A, u @ v, atol=1e-5)
     ((1, 8), (12, 1), True)
     >>> tmp.cleanup()
+
+    References: Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models,
+    arXiv:2106.09685; Eckart & Young 1936, The Approximation of One Matrix by Another of Lower Rank,
+    Psychometrika 1(3).
     """
     out_dtype = _check_args(max_rank, dtype)
     model_path, base_path = require_model_dir(model_dir), require_model_dir(base_dir)

@@ -143,6 +143,10 @@ def beam_search(
     >>> total = lp[rows, 2, pairs[:, 3]] + lp[rows, 3, pairs[:, 4]]
     >>> best[0].tolist() == pairs[int(total.argmax()), 3:].tolist()
     True
+
+    References: Wu et al. 2016, Google's Neural Machine Translation System: Bridging the Gap
+    between Human and Machine Translation, arXiv:1609.08144 (length normalisation; here
+    transformers' ``|y| ** length_penalty``, not GNMT's ``((5 + |y|) / 6) ** alpha``).
     """
     B, V = first_logits.shape
     K, N = num_beams, max_new_tokens

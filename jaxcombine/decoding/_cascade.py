@@ -78,6 +78,9 @@ class Cascade(NamedTuple):
     ...               large_positions=20, small_calls=3)
     >>> out.deferred                      # 1 of 4 emitted tokens decided by the large model
     0.25
+
+    References: Gupta et al. 2024, Language Model Cascades: Token-level Uncertainty and Beyond,
+    arXiv:2404.10136.
     """
 
     tokens: list[list[int]]
@@ -326,6 +329,11 @@ def cascade_generate(
     >>> always = cascade_generate(small, model, [[1, 2, 3]], threshold=1.1, max_new_tokens=5)
     >>> greedy_of(model, always.tokens[0]), always.deferred
     (True, 1.0)
+
+    References: Chen et al. 2023, FrugalGPT: How to Use Large Language Models While Reducing Cost
+    and Improving Performance, arXiv:2305.05176; Gupta et al. 2024, Language Model Cascades:
+    Token-level Uncertainty and Beyond, arXiv:2404.10136; Narasimhan et al. 2024, Faster Cascades
+    via Speculative Decoding, arXiv:2405.19261 (token-level deferral).
     """
     small, large = Decodable.of(small), Decodable.of(large)
     check_cascade(small, large, threshold, confidence, mode)
@@ -452,6 +460,9 @@ def cascade_sweep(
     (1.1, 1.0, 1.0)
     >>> rows[0]["large_calls"], rows[0]["nll"] > rows[1]["nll"]      # the large model's own
     (0, True)
+
+    References: Gupta et al. 2024, Language Model Cascades: Token-level Uncertainty and Beyond,
+    arXiv:2404.10136 (deferral curves: quality against the large model's cost).
     """
     small, large = Decodable.of(small), Decodable.of(large)
     check_cascade(small, large, list(thresholds), confidence, mode)

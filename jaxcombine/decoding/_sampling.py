@@ -39,6 +39,10 @@ class Sampling:
     ...
     jaxcombine.errors.InputError: top_p: top_p must be in (0, 1], got 0.0
       How to fix: use 1.0 to disable nucleus filtering
+
+    References: top-k sampling, Fan et al. 2018, Hierarchical Neural Story Generation,
+    arXiv:1805.04833; nucleus (top-p) sampling, Holtzman et al. 2020, The Curious Case of Neural
+    Text Degeneration, arXiv:1904.09751.
     """
 
     temperature: float = 0.0
@@ -74,8 +78,8 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """Temperature-scaled logits [B, V] with filtered-out tokens at -inf.
 
     ``z / T``; then top-k keeps ``z_v >= k-th largest``; then top-p keeps
-    the largest tokens while the probability mass before them is ``< p``
-    (Holtzman et al. 2020, arXiv:1904.09751). Ties at a threshold are kept.
+    the largest tokens while the probability mass before them is ``< p``.
+    Ties at a threshold are kept.
 
     >>> import jax.numpy as jnp
     >>> logits = jnp.array([[4.0, 2.0, 0.0, -2.0]])
@@ -83,6 +87,10 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     [[2.0, 1.0, 0.0, -1.0]]
     >>> filter_logits(logits, Sampling(temperature=1.0, top_k=2)).tolist()
     [[4.0, 2.0, -inf, -inf]]
+
+    References: top-k sampling, Fan et al. 2018, Hierarchical Neural Story Generation,
+    arXiv:1805.04833; nucleus (top-p) sampling, Holtzman et al. 2020, The Curious Case of Neural
+    Text Degeneration, arXiv:1904.09751.
     """
     logits = logits.astype(jnp.float32) / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
@@ -110,6 +118,10 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
     >>> drawn = sample_tokens(rows, jax.random.key(0), Sampling(temperature=1.0, top_k=2))
     >>> sorted(set(drawn.tolist()))
     [1, 2]
+
+    References: top-k sampling, Fan et al. 2018, Hierarchical Neural Story Generation,
+    arXiv:1805.04833; nucleus (top-p) sampling, Holtzman et al. 2020, The Curious Case of Neural
+    Text Degeneration, arXiv:1904.09751.
     """
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)

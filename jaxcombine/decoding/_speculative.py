@@ -52,6 +52,9 @@ class Speculative(NamedTuple):
     >>> out = Speculative(tokens=[[4, 5, 6, 7, 8]], target_calls=2, accepted=2)
     >>> out.tokens_per_call               # (5 - 1) tokens after the first over 2 calls
     2.0
+
+    References: Leviathan et al. 2023, Fast Inference from Transformers via Speculative Decoding,
+    arXiv:2211.17192.
     """
 
     tokens: list[list[int]]
@@ -191,9 +194,8 @@ def speculative_loop(
 
 def layer_skip_draft(model: Decoder, num_layers: int) -> Decoder:
     """A draft that shares ``model``'s weights: its first ``num_layers`` layers, then
-    its final norm and head (self-speculative decoding by layer skipping, Zhang
-    et al. 2023, arXiv:2309.08168; early exit, Elhoushi et al. 2024,
-    arXiv:2404.16710). No second model to train or load; the arrays are shared.
+    its final norm and head (self-speculative decoding by layer skipping: an
+    early exit). No second model to train or load; the arrays are shared.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -206,6 +208,10 @@ def layer_skip_draft(model: Decoder, num_layers: int) -> Decoder:
     (1, 1)
     >>> bool(jnp.array_equal(draft.lm_head.kernel.get_value(), model.lm_head.kernel.get_value()))
     True
+
+    References: Zhang et al. 2023, Draft & Verify: Lossless Large Language Model Acceleration via
+    Self-Speculative Decoding, arXiv:2309.08168; Elhoushi et al. 2024, LayerSkip: Enabling Early
+    Exit Inference and Self-Speculative Decoding, arXiv:2404.16710.
     """
     total = model.config.num_layers
     if not 1 <= num_layers < total:
@@ -241,8 +247,7 @@ def speculative_generate(
     ``num_draft_tokens`` tokens per target call. Greedy output equals
     ``generate(target, ...)``; sampled output is distributed as the target's.
 
-    Leviathan et al. 2023 (arXiv:2211.17192), Chen et al. 2023
-    (arXiv:2302.01318); see the module docstring for the acceptance rule.
+    See the module docstring for the acceptance rule.
     Each target call yields between 1 and ``num_draft_tokens + 1`` tokens;
     ``tokens_per_call`` of the result is the speed-up a free draft would give.
 
@@ -260,6 +265,10 @@ def speculative_generate(
     True
     >>> 1.0 <= out.tokens_per_call <= 3.0
     True
+
+    References: Leviathan et al. 2023, Fast Inference from Transformers via Speculative Decoding,
+    arXiv:2211.17192; Chen et al. 2023, Accelerating Large Language Model Decoding with Speculative
+    Sampling, arXiv:2302.01318.
     """
     target, draft = Decodable.of(target), Decodable.of(draft)
     config = target.config

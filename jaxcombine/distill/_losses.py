@@ -61,6 +61,10 @@ def soft_cross_entropy(student_logits, teacher_log_probs, mask=None):
     >>> bool(np.isclose(soft_cross_entropy(student, np.log(p)),
     ...                 tempered_kl(student, np.log(p)) + entropy))
     True
+
+    References: Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531
+    (soft targets); Kim & Rush 2016, Sequence-Level Knowledge Distillation, arXiv:1606.07947
+    (word-level distillation minimises this loss).
     """
     p = jnp.exp(teacher_log_probs.astype(jnp.float32))
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
@@ -122,6 +126,8 @@ def teacher_log_probs(teacher, params, tokens, mask=None):
     >>> jax.grad(lambda t: teacher_log_probs(bigram, t, jnp.array([[0, 1]]))[0, 1, 1])(table)
     Array([[0., 0.],
            [0., 0.]], dtype=float32)
+
+    References: Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531.
     """
     if mask is None:
         mask = jnp.ones(tokens.shape, bool)
@@ -153,6 +159,9 @@ def ensemble_log_probs(graphdef, stacked_params, inputs, combination):
     >>> p0, p1 = (jax.nn.softmax(m(x)) for m in members)  # each member on its own
     >>> bool(jnp.allclose(jnp.exp(lp), (p0 + p1) / 2, atol=1e-6))
     True
+
+    References: Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531
+    (an ensemble distilled into one model).
     """
     params = jax.lax.stop_gradient(stacked_params)
     logits = jax.vmap(lambda p: nnx.merge(graphdef, p)(inputs))(params)

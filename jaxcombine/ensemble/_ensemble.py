@@ -63,8 +63,8 @@ class MCDropout:
     """``samples`` ensemble members that are ``model`` with dropout at ``rate``
     (default: the model's ``dropout_rate``) kept on while decoding.
 
-    Gal & Ghahramani 2016 (arXiv:1506.02142): averaging predictions over
-    dropout masks approximates the Bayesian predictive distribution.
+    Averaging predictions over dropout masks approximates the Bayesian
+    predictive distribution.
     Residual dropout zeroes each entry with probability ``rate`` and scales
     the rest by ``1 / (1 - rate)``; every forward call draws fresh masks.
 
@@ -81,6 +81,9 @@ class MCDropout:
     >>> z, _, _ = jax.jit(ens.forward.member_outputs)(ens.params, tokens, tokens > 0, None)
     >>> z.shape, bool(jnp.allclose(z[0], z[1]))                # members differ by their masks
     ((3, 1, 8, 16), False)
+
+    References: Gal & Ghahramani 2016, Dropout as a Bayesian Approximation: Representing Model
+    Uncertainty in Deep Learning, arXiv:1506.02142.
     """
 
     model: Decoder
@@ -384,6 +387,11 @@ def ensemble(
     Models with other tokenizers: ``ensemble([llama, qwen],
     vocabularies=[tok_a.get_vocab(), tok_b.get_vocab()])`` (see
     :func:`shared_vocabulary`); MC dropout: ``ensemble([MCDropout(model, 8)])``.
+
+    References: ``posterior``: Hoeting et al. 1999, Bayesian Model Averaging: A Tutorial,
+    Statistical Science 14(4); MC dropout: Gal & Ghahramani 2016, Dropout as a Bayesian
+    Approximation: Representing Model Uncertainty in Deep Learning, arXiv:1506.02142; a gate: Jacobs
+    et al. 1991, Adaptive Mixtures of Local Experts, Neural Computation 3(1).
     """
     members = list(members)
     if not members:

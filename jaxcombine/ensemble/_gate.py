@@ -82,6 +82,9 @@ class Gate(nnx.Module):
     >>> g = jax.nn.gelu(x @ W1 + p["hidden"]["bias"]) @ p["out"]["kernel"] + p["out"]["bias"]
     >>> bool(jnp.allclose(gate(hidden), jnp.moveaxis(jax.nn.softmax(g), -1, 0), atol=1e-6))
     True
+
+    References: Jacobs et al. 1991, Adaptive Mixtures of Local Experts, Neural Computation 3(1) (a
+    gating network over experts; here the experts are frozen).
     """
 
     def __init__(
@@ -151,6 +154,8 @@ def gate_weights(gate_graphdef: Any, gate_params: Any, hidden: jax.Array) -> jax
     >>> weights = jax.jit(gate_weights, static_argnums=0)(graphdef, params, hidden)
     >>> weights.shape, bool(jnp.allclose(weights, 1 / 3))              # a new gate: uniform
     ((3, 2), True)
+
+    References: Jacobs et al. 1991, Adaptive Mixtures of Local Experts, Neural Computation 3(1).
     """
     return nnx.merge(gate_graphdef, gate_params)(hidden)
 
@@ -312,6 +317,9 @@ def train_gate(
     >>> ref = -sum(float(jnp.log(p[t - 1, ids[t]])) for t in range(1, 8)) / 7
     >>> len(losses), abs(losses[0] - ref) < 1e-5, losses[-1] < losses[0]
     (5, True, True)
+
+    References: Jacobs et al. 1991, Adaptive Mixtures of Local Experts, Neural Computation 3(1) (the
+    gate trained, the experts frozen).
     """
     import optax  # imported where used, as in merging.adamerging
 

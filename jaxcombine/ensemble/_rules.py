@@ -66,6 +66,11 @@ class Combination:
     ...
     jaxcombine.errors.ConfigError: --weights: linear interpolation needs non-negative ... -0.5]
       How to fix: use log-linear or logit arithmetic (--combine logits) for negative weights
+
+    References: ``loglinear``: Hinton 2002, Training Products of Experts by Minimizing Contrastive
+    Divergence, Neural Computation 14(8); ``logits``: Liu et al. 2021, DExperts: Decoding-Time
+    Controlled Text Generation with Experts and Anti-Experts, arXiv:2105.03023; ``contrastive``: Li
+    et al. 2022, Contrastive Decoding: Open-ended Text Generation as Optimization, arXiv:2210.15097.
     """
 
     rule: Rule = "linear"
@@ -149,6 +154,9 @@ def linear(logits: jax.Array, weights: jax.Array) -> jax.Array:
     >>> p = jnp.array([[[0.5, 0.5]], [[0.9, 0.1]]])
     >>> jnp.exp(linear(jnp.log(p), jnp.array([1.0, 1.0]))).round(4).tolist()
     [[0.7, 0.3]]
+
+    References: Jelinek & Mercer 1980, Interpolated Estimation of Markov Source Parameters from
+    Sparse Data (linear interpolation of language models).
     """
     w = _per_row(weights, logits)
     w = w / jnp.sum(w, axis=0, keepdims=True)
@@ -159,8 +167,7 @@ def linear(logits: jax.Array, weights: jax.Array) -> jax.Array:
 def loglinear(logits: jax.Array, weights: jax.Array) -> jax.Array:
     """``log_softmax(sum_i w_i log softmax(z_i))``: a weighted product of experts.
 
-    ``p(v) ∝ prod_i p_i(v)^w_i`` (Hinton 2002, "Training products of experts
-    by minimizing contrastive divergence"); a token that a member of
+    ``p(v) ∝ prod_i p_i(v)^w_i``, a product of experts; a token that a member of
     positive weight rules out stays out. Weights are not normalised (their sum acts as an inverse
     temperature) and may be negative. ``logits`` [N, B, V], ``weights``
     [N] or [N, B].
@@ -170,6 +177,9 @@ def loglinear(logits: jax.Array, weights: jax.Array) -> jax.Array:
     >>> # sqrt(0.5 * 0.9) : sqrt(0.5 * 0.1) = 3 : 1
     >>> jnp.exp(loglinear(jnp.log(p), jnp.array([0.5, 0.5]))).round(4).tolist()
     [[0.75, 0.25]]
+
+    References: Hinton 2002, Training Products of Experts by Minimizing Contrastive Divergence,
+    Neural Computation 14(8).
     """
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jax.nn.log_softmax(jnp.sum(_per_row(weights, logits) * log_p, axis=0), axis=-1)

@@ -106,6 +106,9 @@ def running_average_init(params: PyTree) -> RunningAverageState:
     >>> state = merging.running_average_init({"w": jnp.ones(2)})
     >>> print(state.mean["w"], state.count)
     [0. 0.] 0
+
+    References: Izmailov et al. 2018, Averaging Weights Leads to Wider Optima and Better
+    Generalization (SWA), arXiv:1803.05407.
     """
     return RunningAverageState(_accumulator(params), jnp.zeros((), jnp.int32), _dtypes(params))
 
@@ -113,8 +116,7 @@ def running_average_init(params: PyTree) -> RunningAverageState:
 def running_average_update(state: RunningAverageState, params: PyTree) -> RunningAverageState:
     """mean_{k+1} = mean_k + (params - mean_k) / (k + 1).
 
-    After K updates the mean is (1/K) sum_k theta_k (SWA, Izmailov et al.
-    2018, arXiv:1803.05407):
+    After K updates the mean is (1/K) sum_k theta_k, as in SWA:
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -123,6 +125,9 @@ def running_average_update(state: RunningAverageState, params: PyTree) -> Runnin
     ...     state = merging.running_average_update(state, {"w": jnp.array([w])})
     >>> print(state.mean["w"], state.count)           # (1 + 2 + 6) / 3
     [3.] 3
+
+    References: Izmailov et al. 2018, Averaging Weights Leads to Wider Optima and Better
+    Generalization (SWA), arXiv:1803.05407.
     """
     _check_params(state.mean, params, "running_average_update")
     count = state.count + 1
@@ -145,6 +150,9 @@ def running_average_value(state: RunningAverageState) -> PyTree:
     >>> value = merging.running_average_value(state)
     >>> print(value["w"], value["w"].dtype)
     [1 3] bfloat16
+
+    References: Izmailov et al. 2018, Averaging Weights Leads to Wider Optima and Better
+    Generalization (SWA), arXiv:1803.05407.
     """
     return _cast_back(state.mean, state.dtypes)
 
@@ -173,6 +181,9 @@ def ema_init(params: PyTree) -> EmaState:
     >>> state = merging.ema_init({"w": jnp.ones(2, jnp.bfloat16)})
     >>> print(state.ema["w"], state.ema["w"].dtype, state.count, state.decay_product)
     [0. 0.] float32 0 1.0
+
+    References: Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by Averaging, SIAM
+    J. Control Optim. 30(4).
     """
     return EmaState(
         _accumulator(params),
@@ -211,7 +222,7 @@ def _check_decay(decay) -> None:
 def ema_update(state: EmaState, params: PyTree, decay, *, warmup: bool = False) -> EmaState:
     """ema <- d ema + (1 - d) params, with d = :func:`ema_decay` (decay, count, warmup).
 
-    Polyak & Juditsky 1992; runs under ``jax.jit`` (``warmup`` static).
+    Runs under ``jax.jit`` (``warmup`` static).
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -221,6 +232,9 @@ def ema_update(state: EmaState, params: PyTree, decay, *, warmup: bool = False) 
     ...     state = update(state, {"w": jnp.array([w])}, 0.5)
     >>> print(state.ema["w"])                # 0.5 (0.5 * 0 + 0.5 * 2) + 0.5 * 4
     [2.5]
+
+    References: Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by Averaging, SIAM
+    J. Control Optim. 30(4).
     """
     _check_decay(decay)
     _check_params(state.ema, params, "ema_update")
@@ -244,7 +258,7 @@ def ema_value(state: EmaState, *, debias: bool = True) -> PyTree:
     """The EMA in the parameters' dtypes; ``debias`` divides by 1 - prod_t d_t.
 
     Before any update (or when every d_t is 1) there is nothing to debias and
-    the stored EMA is returned (bias correction as in Adam, arXiv:1412.6980).
+    the stored EMA is returned (bias correction as in Adam).
 
     Two updates with d = 0.5 by 2 and 4: the EMA 2.5 is 0.25 * 2 + 0.5 * 4,
     and debiasing divides by 1 - 0.25 (weights 1/3 and 2/3):
@@ -256,6 +270,10 @@ def ema_value(state: EmaState, *, debias: bool = True) -> PyTree:
     ...     state = merging.ema_update(state, {"w": jnp.array([w])}, 0.5)
     >>> print(merging.ema_value(state, debias=False)["w"], merging.ema_value(state)["w"])
     [2.5] [3.3333]
+
+    References: debiasing as in Kingma & Ba 2015, Adam: A Method for Stochastic Optimization,
+    arXiv:1412.6980; the EMA: Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by
+    Averaging, SIAM J. Control Optim. 30(4).
     """
     if not debias:
         return _cast_back(state.ema, state.dtypes)
@@ -288,7 +306,7 @@ class Averager(NamedTuple):
 def running_average() -> Averager:
     """The running (uniform) average of every parameter set passed to ``update``.
 
-    mean_K = (1/K) sum_k theta_k, as in SWA (Izmailov et al. 2018, arXiv:1803.05407).
+    mean_K = (1/K) sum_k theta_k, as in SWA.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -298,6 +316,9 @@ def running_average() -> Averager:
     ...     state = jax.jit(avg.update)(state, {"w": jnp.full(2, w)})
     >>> print(avg.value(state)["w"])
     [1.5 1.5]
+
+    References: Izmailov et al. 2018, Averaging Weights Leads to Wider Optima and Better
+    Generalization (SWA), arXiv:1803.05407.
     """
     return Averager(running_average_init, running_average_update, running_average_value)
 
@@ -305,8 +326,8 @@ def running_average() -> Averager:
 def ema(decay: float, *, debias: bool = True, warmup: bool = False) -> Averager:
     """An exponential moving average with its options bound.
 
-    ema_t = d_t ema_{t-1} + (1 - d_t) theta_t (Polyak & Juditsky 1992), debiased
-    by 1 - prod_t d_t as in Adam (Kingma & Ba 2015, arXiv:1412.6980).
+    ema_t = d_t ema_{t-1} + (1 - d_t) theta_t, debiased by 1 - prod_t d_t (as in
+    Adam, which divides by 1 - decay^t).
 
     ``debias`` and ``warmup`` as in :func:`ema_value` and :func:`ema_decay`.
     A debiased EMA of a constant is that constant:
@@ -320,6 +341,10 @@ def ema(decay: float, *, debias: bool = True, warmup: bool = False) -> Averager:
     ...     state = update(state, {"w": jnp.full(2, 5.0)})
     >>> print(averager.value(state)["w"])
     [5. 5.]
+
+    References: Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by Averaging, SIAM
+    J. Control Optim. 30(4); debiasing: Kingma & Ba 2015, Adam: A Method for Stochastic
+    Optimization, arXiv:1412.6980.
     """
     _check_decay(decay)
 

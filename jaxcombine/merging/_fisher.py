@@ -71,6 +71,9 @@ def fisher_init(params: PyTree) -> FisherState:
     >>> from jaxcombine import merging
     >>> merging.fisher_init({"w": jnp.ones(3, jnp.bfloat16)}).sum_squares["w"].dtype
     dtype('float32')
+
+    References: Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging,
+    arXiv:2111.09832.
     """
     return FisherState(
         sum_squares=jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params),
@@ -196,6 +199,9 @@ def fisher_finalize(state: FisherState) -> PyTree:
     >>> state = merging.FisherState({"w": jnp.array([6.0, 3.0])}, jnp.array(3))
     >>> print(merging.fisher_finalize(state)["w"])
     [2. 1.]
+
+    References: Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging,
+    arXiv:2111.09832.
     """
     count = int(state.count)
     if count == 0:

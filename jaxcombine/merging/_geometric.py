@@ -187,7 +187,7 @@ def slerp_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
     The tensors are flattened to one vector each. ``t`` is mergekit's
     interpolation factor (any real number; it may also be a traced scalar).
     Collinear and antipodal pairs (|cos θ| > 0.9995) are interpolated linearly.
-    The formula is in the module docstring (Shoemake 1985).
+    The formula is in the module docstring.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxcombine.merging import slerp_leaf
@@ -195,6 +195,10 @@ def slerp_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
     [0.8660 0.5   ]
 
     (sin(60°) / sin(90°) · a + sin(30°) / sin(90°) · b = [cos 30°, sin 30°].)
+
+    References: Shoemake 1985, Animating Rotation with Quaternion Curves, SIGGRAPH '85; mergekit's
+    ``slerp``: Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models,
+    arXiv:2403.13257.
     """
     base, models = _arrays(base, models)
     _check_inputs(
@@ -285,6 +289,10 @@ def nuslerp_leaf(
     >>> base = jnp.array([1.0, 1.0])
     >>> print(merge(base, jnp.array([[2.0, 1.0], [1.0, 2.0]]), weight=(1.0, 1.0)))
     [1.7071 1.7071]
+
+    References: mergekit's ``nuslerp`` (no paper of its own): Goddard et al. 2024, Arcee's MergeKit:
+    A Toolkit for Merging Large Language Models, arXiv:2403.13257; SLERP: Shoemake 1985, Animating
+    Rotation with Quaternion Curves, SIGGRAPH '85.
     """
     base, models = _arrays(base, models)
     _check_inputs(

@@ -183,8 +183,7 @@ def slerp(base, model, *, t: Setting, num_layers: int | None = None):
 
     Each tensor is flattened; with cos theta the cosine between the two,
     slerp = sin((1-t) theta)/sin theta * base + sin(t theta)/sin theta * model, and
-    linear interpolation where |cos theta| > 0.9995 (mergekit's ``slerp``;
-    Shoemake 1985, "Animating rotation with quaternion curves").
+    linear interpolation where |cos theta| > 0.9995 (mergekit's ``slerp``).
     ``t`` may be a layer gradient such as ``[0, 0.5, 1]`` or a list of filter rules.
 
     Two orthogonal unit vectors at t = 1/2 give a unit vector (lerp would give
@@ -200,6 +199,10 @@ def slerp(base, model, *, t: Setting, num_layers: int | None = None):
     >>> merged = merging.slerp(base3, {"layers": [model] * 3}, t=[0.0, 1.0])
     >>> print(*[layer["w"] for layer in merged["layers"]])     # t = 0, 1/2, 1
     [1. 0.] [0.7071 0.7071] [0. 1.]
+
+    References: Shoemake 1985, Animating Rotation with Quaternion Curves, SIGGRAPH '85; mergekit's
+    ``slerp``: Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models,
+    arXiv:2403.13257.
     """
     return _call("slerp", [model], base, num_layers=num_layers, t=t)
 
@@ -226,6 +229,10 @@ def nuslerp(
     >>> merged = merging.nuslerp([a, b], weights=[1.0, 3.0])   # t = 3/4
     >>> print(merged["w"].round(4))                           # [cos 67.5, sin 67.5]
     [0.3827 0.9239]
+
+    References: mergekit's ``nuslerp`` (no paper of its own): Goddard et al. 2024, Arcee's MergeKit:
+    A Toolkit for Merging Large Language Models, arXiv:2403.13257; SLERP: Shoemake 1985, Animating
+    Rotation with Quaternion Curves, SIGGRAPH '85.
     """
     return _call(
         "nuslerp",
@@ -329,6 +336,9 @@ def nearswap(base, model, *, t: Setting, num_layers: int | None = None):
     >>> base, model = {"w": jnp.zeros(3)}, {"w": jnp.array([0.05, 0.5, 2.0])}
     >>> print(merging.nearswap(base, model, t=0.1)["w"])
     [0.05 0.1  0.1 ]
+
+    References: mergekit's ``nearswap`` (no paper of its own): Goddard et al. 2024, Arcee's
+    MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257.
     """
     return _call("nearswap", [model], base, num_layers=num_layers, t=t)
 
@@ -391,7 +401,7 @@ def passthrough(model, *, scale: Setting = None, num_layers: int | None = None):
 
     mergekit's ``passthrough``, the method of frankenmerges (layers stacked from
     several models with ``slices``, see :mod:`jaxcombine.merging.mergekit`).
-    (No paper.) A rule that matches no tensor leaves it unscaled:
+    A rule that matches no tensor leaves it unscaled:
 
     >>> import jax.numpy as jnp
     >>> from jaxcombine import merging
@@ -399,6 +409,11 @@ def passthrough(model, *, scale: Setting = None, num_layers: int | None = None):
     >>> out = merging.passthrough(model, scale=[{"filter": "mlp", "value": 0.5}])
     >>> print(out["mlp"], out["norm"])
     [0.5 1. ] [1. 1.]
+
+    References: mergekit's ``passthrough`` (no paper of its own): Goddard et al. 2024, Arcee's
+    MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257; a published
+    layer-stacking merge: depth up-scaling, Kim et al. 2023, SOLAR 10.7B: Scaling Large Language
+    Models with Simple yet Effective Depth Up-Scaling, arXiv:2312.15166.
     """
     return _call("passthrough", [model], num_layers=num_layers, per={"scale": [scale]})
 

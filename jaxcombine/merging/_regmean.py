@@ -82,6 +82,9 @@ def gram_init(features: Mapping[str, int | jax.Array]) -> GramState:
     >>> state = merging.gram_init({"layers/0/kernel": 4, "head/kernel": jnp.ones((1, 8))})
     >>> {k: g.shape for k, g in state.grams.items()}
     {'layers/0/kernel': (4, 4), 'head/kernel': (8, 8)}
+
+    References: Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models
+    (RegMean), arXiv:2212.09849.
     """
     if not isinstance(features, Mapping) or not features:
         raise ConfigError(
@@ -157,6 +160,9 @@ def gram_finalize(state: GramState, *, mean: bool = False) -> dict[str, jax.Arra
     >>> print(merging.gram_finalize(state, mean=True)["kernel"])  # x^T x / 2
     [[1. 1.]
      [1. 2.]]
+
+    References: Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models
+    (RegMean), arXiv:2212.09849.
     """
     for key, count in state.counts.items():
         if int(count) == 0:

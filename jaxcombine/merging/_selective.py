@@ -136,6 +136,9 @@ def nearswap_leaf(base: jax.Array, models: jax.Array, *, t) -> jax.Array:
     >>> from jaxcombine.merging import nearswap_leaf
     >>> print(jax.jit(nearswap_leaf)(jnp.zeros(3), jnp.array([[0.05, 0.5, 2.0]]), t=0.1))
     [0.05 0.1  0.1 ]
+
+    References: mergekit's ``nearswap`` (no paper of its own): Goddard et al. 2024, Arcee's
+    MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257.
     """
     base, models = _arrays(base, models)
     _check_inputs(
@@ -299,6 +302,9 @@ def passthrough_leaf(base: jax.Array | None, models: jax.Array, *, scale=None) -
     >>> from jaxcombine.merging import passthrough_leaf
     >>> print(passthrough_leaf(None, jnp.array([[1.0, 2.0]]), scale=(2.0,)))
     [2. 4.]
+
+    References: mergekit's ``passthrough`` (no paper of its own): Goddard et al. 2024, Arcee's
+    MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257.
     """
     where = "merge_method passthrough"
     base, models = _arrays(base, models)

@@ -134,6 +134,9 @@ class SoupTrial(NamedTuple):
     """One step of the greedy soup: the candidate model, the candidate soup's score, kept?
 
     ``GreedySoupRecord.trials`` holds one per candidate; see its example.
+
+    References: Wortsman et al. 2022, Model soups: averaging weights of multiple fine-tuned models
+    improves accuracy without increasing inference time, arXiv:2203.05482 (greedy soup, Recipe 1).
     """
 
     model: int
@@ -165,6 +168,9 @@ class GreedySoupRecord(NamedTuple):
      SoupTrial(model=1, score=-0.8333, accepted=False))
     >>> print(soup["w"], record.score)
     [0.75] -0.25
+
+    References: Wortsman et al. 2022, Model soups: averaging weights of multiple fine-tuned models
+    improves accuracy without increasing inference time, arXiv:2203.05482 (greedy soup, Recipe 1).
     """
 
     ingredients: tuple[int, ...]

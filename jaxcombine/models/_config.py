@@ -35,6 +35,11 @@ class RopeConfig:
     [1.   0.01]
     >>> print(inverse_frequencies(RopeConfig(type="linear", factor=2.0), head_dim=4))
     [0.5   0.005]
+
+    References: Su et al. 2021, RoFormer: Enhanced Transformer with Rotary Position Embedding,
+    arXiv:2104.09864; ``linear``: Chen et al. 2023, Extending Context Window of Large Language
+    Models via Positional Interpolation, arXiv:2306.15595; ``llama3``: Llama Team 2024, The Llama 3
+    Herd of Models, arXiv:2407.21783.
     """
 
     theta: float = 10000.0
@@ -70,6 +75,10 @@ class DecoderConfig:
     Traceback (most recent call last):
     ...
     jaxcombine.errors.ConfigError: config key 'num_key_value_heads': num_attention_heads=2 ...
+
+    References: Touvron et al. 2023, LLaMA: Open and Efficient Foundation Language Models,
+    arXiv:2302.13971; RoPE: arXiv:2104.09864; GQA: Ainslie et al. 2023, arXiv:2305.13245; SwiGLU:
+    Shazeer 2020, GLU Variants Improve Transformer, arXiv:2002.05202.
     """
 
     vocab_size: int

@@ -51,6 +51,10 @@ class KVCache(NamedTuple):
     >>> cache = init_cache(config, batch=3, max_length=5)
     >>> cache.keys[1].shape, cache.key_valid.shape, cache.next_position.tolist()
     ((3, 1, 5, 4), (3, 5), [0, 0, 0])
+
+    References: cached keys and values for incremental decoding: Shazeer 2019, Fast Transformer
+    Decoding: One Write-Head is All You Need, arXiv:1911.02150; K key/value heads (GQA): Ainslie et
+    al. 2023, arXiv:2305.13245.
     """
 
     keys: tuple[jax.Array, ...]  # L x [B, K, S, D]
@@ -75,6 +79,10 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.flo
 
     Decoding appends to it: ``out = model(prompt, cache=cache)`` then
     ``model(next_token, cache=out.cache)`` (``jaxcombine.decoding.generate``).
+
+    References: cached keys and values for incremental decoding: Shazeer 2019, Fast Transformer
+    Decoding: One Write-Head is All You Need, arXiv:1911.02150; K key/value heads (GQA): Ainslie et
+    al. 2023, arXiv:2305.13245.
     """
     shape = (batch, config.num_kv_heads, max_length, config.head_dim)  # the attention dots' layout
     return KVCache(

@@ -105,6 +105,11 @@ class MoEConfig:
     (3, 4)
     >>> print(MoEConfig(4, 8, 16, capacity_factor=None).capacity(10))   # dropless
     None
+
+    References: Shazeer et al. 2017, arXiv:1701.06538; Switch (Fedus et al. 2021, arXiv:2101.03961);
+    Mixtral (Jiang et al. 2024, arXiv:2401.04088); dropless: MegaBlocks (Gale et al. 2022,
+    arXiv:2211.15841); batch-prioritised routing: V-MoE (Riquelme et al. 2021, arXiv:2106.05974);
+    expert choice (Zhou et al. 2022, arXiv:2202.09368).
     """
 
     num_experts: int
@@ -170,6 +175,10 @@ class MoEAux(NamedTuple):
 
     >>> MoEAux._fields
     ('load_balancing_loss', 'router_z_loss', 'load', 'dropped', 'entropy')
+
+    References: load balancing: Fedus et al. 2021, Switch Transformers: Scaling to Trillion
+    Parameter Models with Simple and Efficient Sparsity, arXiv:2101.03961; router z-loss: Zoph et
+    al. 2022, ST-MoE: Designing Stable and Transferable Sparse Expert Models, arXiv:2202.08906.
     """
 
     load_balancing_loss: jax.Array
@@ -225,6 +234,10 @@ class SparseMoE(nnx.Module):
     ...         expected[n] += p[n, e] / p[n, top].sum() * (h @ W["down"][e])
     >>> np.allclose(y.reshape(6, 4), expected, atol=1e-6)
     True
+
+    References: Shazeer et al. 2017, Outrageously Large Neural Networks: The Sparsely-Gated
+    Mixture-of-Experts Layer, arXiv:1701.06538; Jiang et al. 2024, Mixtral of Experts,
+    arXiv:2401.04088; Switch (Fedus et al. 2021, arXiv:2101.03961).
     """
 
     def __init__(self, config: MoEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):

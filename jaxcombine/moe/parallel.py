@@ -116,6 +116,10 @@ def expert_parallel(
     >>> y_ref, aux_ref = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
     >>> bool(np.allclose(y, y_ref, atol=1e-6)), float(aux.dropped) == float(aux_ref.dropped)
     (True, True)
+
+    References: Lepikhin et al. 2020, GShard: Scaling Giant Models with Conditional Computation and
+    Automatic Sharding, arXiv:2006.16668; dropless exchange as in MegaBlocks (Gale et al. 2022,
+    arXiv:2211.15841).
     """
     config = layer.config
     plan = _plan(config, x.shape, mesh, data_axis, expert_axis, exchange)

@@ -64,6 +64,9 @@ def upcycle(
 
     With an HF checkpoint: ``save_model(upcycle(load_model("tiny-llama"),
     num_experts=8, rngs=nnx.Rngs(0)), "tiny-llama-8x")`` writes a Mixtral directory.
+
+    References: Komatsuzaki et al. 2023, Sparse Upcycling: Training Mixture-of-Experts from Dense
+    Checkpoints, arXiv:2212.05055.
     """
     dense = model.config
     if dense.moe is not None:

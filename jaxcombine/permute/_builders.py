@@ -30,6 +30,9 @@ def dense_axes(name: str, p_in: str | None, p_out: str | None, *, bias: bool = T
 
     >>> dense_axes("layers/0", None, "h0")
     {'layers/0/kernel': (None, 'h0'), 'layers/0/bias': ('h0',)}
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836 (its ``dense`` helper).
     """
     axes = {f"{name}/kernel": (p_in, p_out)}
     if bias:
@@ -47,6 +50,9 @@ def dense_chain_axes(names: Sequence[str], *, prefix: str = "hidden_", bias: boo
     >>> axes
     {'layers/0/kernel': (None, 'hidden_0'), 'layers/1/kernel': ('hidden_0', 'hidden_1'),
      'head/kernel': ('hidden_1', None)}
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836.
     """
     perms = [None, *(f"{prefix}{k}" for k in range(len(names) - 1)), None]
     axes: Axes = {}
@@ -85,6 +91,9 @@ def residual_block_axes(
     layers/0/mlp/gate/kernel ('res', 'mlp_0')
     layers/0/mlp/up/kernel ('res', 'mlp_0')
     layers/0/mlp/down/kernel ('mlp_0', 'res')
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836 (its ``easyblock`` helper).
     """
     axes: Axes = {}
     if norm is not None:
@@ -137,6 +146,9 @@ def mlp_classifier_spec(params_or_model: PyTree) -> PermutationSpec:
     >>> spec = mlp_classifier_spec(model)
     >>> spec.axes["layers/1/kernel"], spec.sizes(model)
     (('hidden_0', 'hidden_1'), {'hidden_0': 8, 'hidden_1': 8})
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836.
     """
     shapes = _shapes(params_or_model)
     n = _layer_count(
@@ -170,6 +182,9 @@ def decoder_spec(params_or_model: PyTree, *, heads: bool = False) -> Permutation
     >>> spec = decoder_spec(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), heads=True)
     >>> spec.names, spec.axes["layers/1/self_attn/o_proj/kernel"]       # [H, D, E]
     (('heads_0', 'heads_1', 'mlp_0', 'mlp_1', 'residual'), ('heads_1', None, 'residual'))
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836 (the permutation symmetries, here of a transformer).
     """
     shapes = _shapes(params_or_model)
     n = _layer_count(shapes, r"layers/(\d+)/self_attn/", "Decoder")

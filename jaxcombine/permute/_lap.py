@@ -60,6 +60,10 @@ def linear_sum_assignment(
     Array(5., dtype=float32)
     >>> print(linear_sum_assignment(cost, maximize=True)[1])        # 4 + 5 + 2
     [0 2 1]
+
+    References: Kuhn 1955, The Hungarian Method for the Assignment Problem; Munkres 1957, Algorithms
+    for the Assignment and Transportation Problems; Jonker & Volgenant 1987, A Shortest Augmenting
+    Path Algorithm for Dense and Sparse Linear Assignment Problems.
     """
     cost = jnp.asarray(cost)
     if cost.ndim != 2:

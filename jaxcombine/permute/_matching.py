@@ -69,8 +69,8 @@ def weight_matching(
     """Permutations of ``params_b``'s units that align it with ``params_a``.
 
     Coordinate descent over the permutations of ``spec`` (Git Re-Basin weight
-    matching, arXiv:2209.04836, algorithm 2), each step an exact linear
-    assignment solved in JAX; see the module docstring for the math.
+    matching, algorithm 2), each step an exact linear assignment solved in JAX;
+    see the module docstring for the math.
 
     Args:
       spec: the permutation spec of the architecture.
@@ -102,6 +102,9 @@ def weight_matching(
 
     To merge two models: ``jaxcombine.tree.lerp(params_a,
     apply_permutation(spec, perms, params_b), 0.5)``.
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836 (section 3.2, algorithm 2).
     """
     sizes = spec.sizes(params_a, name="params_a")
     spec.sizes(params_b, name="params_b")
@@ -158,6 +161,9 @@ def cost_matrix(
     >>> c = cost_matrix(spec, "h", a, b, {"h": jnp.arange(4)})
     >>> np.allclose(c, a["k"].T @ b["k"] + np.outer(a["b"], b["b"]), atol=1e-5)
     True
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836 (section 3.2).
     """
     total = None
     for path, axis in spec.perm_to_axes[name]:

@@ -103,6 +103,9 @@ class PermutationSpec:
     >>> spec.sizes({"layers": [{"kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(5)}],
     ...             "head": {"kernel": jnp.zeros((5, 2)), "bias": jnp.zeros(2)}})
     {'h': 5}
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836 (its permutation specs).
     """
 
     def __init__(self, axes: Mapping[str, Axes | None]):
@@ -325,6 +328,9 @@ def apply_permutation(
 
     Under ``jax.jit`` the spec is static:
     ``jax.jit(apply_permutation, static_argnums=0)(spec, perms, params)``.
+
+    References: Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin: Merging Models modulo Permutation
+    Symmetries, arXiv:2209.04836.
     """
     sizes = spec.sizes(params)
     spec.check_perms(perms, sizes)

@@ -63,7 +63,18 @@ PathLike = str | os.PathLike
 
 def stdlib_root(root: PathLike | None = None) -> Path:
     """The directory of the standard library's sources: ``root`` if given, else
-    ``sysconfig.get_paths()["stdlib"]``; an :class:`InputError` if it does not exist."""
+    ``sysconfig.get_paths()["stdlib"]``; an :class:`InputError` if it does not exist.
+
+    >>> import json, sysconfig
+    >>> stdlib_root() == Path(sysconfig.get_paths()["stdlib"])
+    True
+    >>> Path(json.__file__).parent == stdlib_root() / "json"      # where ``import json`` reads
+    True
+    >>> stdlib_root("/no/such/directory")
+    Traceback (most recent call last):
+    ...
+    jaxcombine.errors.InputError: /no/such/directory: the standard library's source directory ...
+    """
     path = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
     if not path.is_dir():
         raise InputError(
@@ -240,7 +251,18 @@ def held_out_mask(count: int, held_out: float = 0.1, seed: int = 0) -> np.ndarra
 @dataclasses.dataclass(frozen=True)
 class Domain:
     """One package's documents, split: ``train`` and ``held_out`` (lists of texts, in
-    the package's order)."""
+    the package's order). ``train_text`` and ``held_out_text`` join each list.
+
+    >>> toy = Domain("toy", train=["ab", "cd"], held_out=["ef"])
+    >>> toy.train_text, toy.held_out_text
+    ('abcd', 'ef')
+
+    Built by :func:`domain`, the two splits partition the package's documents:
+
+    >>> d = domain("json", held_out=0.2, seed=0)
+    >>> len(d.train) + len(d.held_out) == len(package_documents("json"))
+    True
+    """
 
     package: str
     train: list[str]
@@ -289,7 +311,20 @@ def domain(
 
 def write_documents(path: PathLike, documents: Sequence[str]) -> Path:
     """Write ``documents`` as JSON lines ``{"text": ...}`` (for ``datasets`` and
-    :func:`jaxcombine.data.load_texts`); parent directories are created."""
+    :func:`jaxcombine.data.load_texts`); parent directories are created.
+
+    One line per document, even for documents with newlines (JSON escapes them),
+    and reading the lines back gives the documents again:
+
+    >>> import json, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> documents = ["x = 1" + chr(10) + "y = 2" + chr(10), "print(x)" + chr(10)]
+    >>> path = write_documents(Path(tmp.name) / "new" / "docs.jsonl", documents)
+    >>> lines = path.read_text().splitlines()
+    >>> len(lines), [json.loads(line)["text"] for line in lines] == documents
+    (2, True)
+    >>> tmp.cleanup()
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
@@ -298,7 +333,22 @@ def write_documents(path: PathLike, documents: Sequence[str]) -> Path:
 
 def write_domain(directory: PathLike, package: str, **kwargs) -> tuple[Path, Path]:
     """Write :func:`domain` ``(package, **kwargs)`` as ``directory/package/train.jsonl``
-    and ``directory/package/heldout.jsonl``; returns both paths."""
+    and ``directory/package/heldout.jsonl``; returns both paths.
+
+    The files hold the domain's two splits, document by document:
+
+    >>> import json, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> train, heldout = write_domain(tmp.name, "json", held_out=0.2, max_chars=20_000)
+    >>> [str(p.relative_to(tmp.name)) for p in (train, heldout)]
+    ['json/train.jsonl', 'json/heldout.jsonl']
+    >>> def texts(path):
+    ...     return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    >>> split = domain("json", held_out=0.2, max_chars=20_000)
+    >>> texts(train) == split.train, texts(heldout) == split.held_out
+    (True, True)
+    >>> tmp.cleanup()
+    """
     split = domain(package, **kwargs)
     out = Path(directory) / package
     return (
@@ -386,6 +436,16 @@ def train_tokenizer(
     Only the documents :func:`domain` puts in ``train`` (same ``held_out``,
     ``seed``, ``block_lines``, ``max_chars``) are read, package by package, so
     the held-out text stays unseen. Deterministic in its arguments.
+
+    It is :func:`train_bpe` on ``domain(...).train``, package after package; the
+    held-out text still round-trips, as any text does:
+
+    >>> tokenizer = train_tokenizer(["json"], vocab_size=300, max_chars=20_000)
+    >>> split = domain("json", max_chars=20_000)
+    >>> tokenizer.to_str() == train_bpe(split.train, vocab_size=300).to_str()
+    True
+    >>> tokenizer.decode(tokenizer.encode(split.held_out_text).ids) == split.held_out_text
+    True
 
     Example::
 

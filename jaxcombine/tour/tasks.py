@@ -74,7 +74,15 @@ GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 class Task:
     """One task: its ``name``, its prompt letter ``prefix``, the kind of each
     operand (``"digits"``: any digit string; ``"number"``: no leading zeros)
-    and ``solve(operands) -> result`` (the answer without the end marker)."""
+    and ``solve(operands) -> result`` (the answer without the end marker).
+
+    >>> add = TASKS["add"]
+    >>> add.prompt(["12", "345"]), add.answer(["12", "345"])          # 12 + 345 = 357
+    ('A12+345=', '357;')
+    >>> double = Task("double", "D", ("number",), lambda o: str(2 * int(o[0])), "2 n")
+    >>> double.prompt(["21"]) + double.answer(["21"])
+    'D21=42;'
+    """
 
     name: str
     prefix: str
@@ -118,7 +126,14 @@ _MAX_ENUMERATE = 2_000_000
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One example: ``prompt`` (``"R3917="``), ``answer`` (``"7193;"``) and ``task``."""
+    """One example: ``prompt`` (``"R3917="``), ``answer`` (``"7193;"``) and ``task``.
+
+    >>> example = Example("reverse", "R3917=", "7193;")
+    >>> example.text
+    'R3917=7193;'
+    >>> example.answer == get_task(example.task).answer(["3917"])
+    True
+    """
 
     task: str
     prompt: str
@@ -413,7 +428,20 @@ def write_examples(path: str | os.PathLike, examples: Iterable[Example]) -> Path
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
-    """The examples of a ``.jsonl`` file written by :func:`write_examples`."""
+    """The examples of a ``.jsonl`` file written by :func:`write_examples`.
+
+    A file written by hand in that format (one JSON object per line; ``text`` is
+    not read, blank lines are skipped):
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = Path(tmp.name) / "copy.jsonl"
+    >>> _ = path.write_text('{"task": "copy", "prompt": "C12=", "answer": "12;"}' + chr(10)
+    ...                     + chr(10) + '{"task": "add", "prompt": "A1+2=", "answer": "3;"}')
+    >>> read_examples(path) == [Example("copy", "C12=", "12;"), Example("add", "A1+2=", "3;")]
+    True
+    >>> tmp.cleanup()
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError("example file does not exist", where=str(path))
@@ -481,7 +509,19 @@ def predict(
     generate_fn: GenerateFn, prompts: Sequence[str], tokenizer: Tokenizer, max_new_tokens: int
 ) -> list[str]:
     """The answer (:func:`answer_text`) ``generate_fn`` gives to each prompt, which
-    is encoded with ``tokenizer.encode(prompt).ids``."""
+    is encoded with ``tokenizer.encode(prompt).ids``.
+
+    A ``generate_fn`` that writes a prompt's digits reversed, then ``;`` and more
+    tokens: the answers are cut after the end marker:
+
+    >>> tokenizer = char_tokenizer()
+    >>> def reverser(prompts, max_new_tokens):      # prompt ids: letter, digits, "="
+    ...     return [(p[1:-1][::-1] + [END_ID] + p[1:-1])[:max_new_tokens] for p in prompts]
+    >>> predict(reverser, ["R3917=", "R12="], tokenizer, max_new_tokens=6)
+    ['7193;', '21;']
+    >>> predict(reverser, ["R3917="], tokenizer, max_new_tokens=3)    # cut before the ";"
+    ['719']
+    """
     ids = [tokenizer.encode(prompt).ids for prompt in prompts]
     outputs = generate_fn(ids, max_new_tokens)
     if len(outputs) != len(ids):
@@ -536,7 +576,18 @@ def accuracy_by_task(
     *,
     max_new_tokens: int | None = None,
 ) -> dict[str, float]:
-    """:func:`task_accuracy` of each task among ``examples`` (in first-seen order)."""
+    """:func:`task_accuracy` of each task among ``examples`` (in first-seen order).
+
+    A ``generate_fn`` that copies the prompt's digits is right on every copy
+    example and on a reverse example only when its digits read the same both ways:
+
+    >>> tokenizer = char_tokenizer()
+    >>> examples = [Example("copy", "C12=", "12;"), Example("reverse", "R12=", "21;"),
+    ...             Example("reverse", "R33=", "33;"), Example("copy", "C905=", "905;")]
+    >>> copier = lambda prompts, n: [p[1:-1] + [END_ID] for p in prompts]
+    >>> accuracy_by_task(copier, examples, tokenizer)       # reverse: R33 right, R12 wrong
+    {'copy': 1.0, 'reverse': 0.5}
+    """
     groups: dict[str, list[Example]] = {}
     for example in examples:
         groups.setdefault(example.task, []).append(example)
@@ -568,6 +619,26 @@ def decoder_generate_fn(
 
         generate_fn = decoder_generate_fn(model)
         generate_fn([[19, 7, 6, 15]], 3)     # "R32=" -> [[6, 7, 14]] ("23;") when learnt
+
+    On an untrained tiny decoder, three prompts in batches of two (the second
+    filled with a copy): with no stop token every row runs to ``max_new_tokens``;
+    with a stop token, each row is that output cut after the token's first
+    occurrence:
+
+    >>> from flax import nnx
+    >>> from jaxcombine.models import Decoder, DecoderConfig
+    >>> config = DecoderConfig(vocab_size=len(VOCAB), hidden_size=8, intermediate_size=16,
+    ...                        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4)
+    >>> model = Decoder(config, rngs=nnx.Rngs(5))
+    >>> tokenizer = char_tokenizer()
+    >>> prompts = [tokenizer.encode(p).ids for p in ["R32=", "C905=", "S71="]]
+    >>> free = decoder_generate_fn(model, stop_ids=(), batch_size=2)(prompts, 4)
+    >>> [len(row) for row in free]
+    [4, 4, 4]
+    >>> stop = free[0][2]                                  # the first row's third token
+    >>> cut = decoder_generate_fn(model, stop_ids=[stop], batch_size=2)(prompts, 4)
+    >>> cut == [row[: row.index(stop) + 1] if stop in row else row for row in free]
+    True
     """
     from jaxcombine.decoding import generate
 

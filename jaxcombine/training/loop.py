@@ -137,6 +137,9 @@ def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> An
     >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     >>> param_shardings(nnx.state(Up(), nnx.Param), mesh)["w"].spec
     P(None, 'model')
+
+    References: Xu et al. 2021, GSPMD: General and Scalable Parallelization for ML Computation
+    Graphs, arXiv:2105.04663.
     """
     flat = state_shardings(params, mesh, rules)
     paths = [path for path, _ in nnx.to_flat_state(params)]
@@ -163,6 +166,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
     (1, [0.5, 3.0])
     >>> float(metrics["loss"]), float(metrics["grad_norm"])   # 1 + 4, |(2, -4)|
     (5.0, 4.4721)
+
+    References: ``compute_dtype`` (fp32 master weights, low-precision compute): Micikevicius et al.
+    2018, Mixed Precision Training, arXiv:1710.03740.
     """
 
     def compute_loss(params, batch, key, constants):

@@ -30,6 +30,10 @@ def learning_rate_schedule(
     >>> lr = learning_rate_schedule(1.0, steps=10, warmup_steps=2, end_factor=0.1)
     >>> [round(float(lr(t)), 4) for t in (0, 1, 2, 6, 10)]   # s = 1/2 at t = 6: 0.1 + 0.9 / 2
     [0.0, 0.5, 1.0, 0.55, 0.1]
+
+    References: cosine decay: Loshchilov & Hutter 2017, SGDR: Stochastic Gradient Descent with Warm
+    Restarts, arXiv:1608.03983 (one cycle, no restart); linear warm-up: Goyal et al. 2017, Accurate,
+    Large Minibatch SGD: Training ImageNet in 1 Hour, arXiv:1706.02677.
     """
     if steps < 1 or not 0 <= warmup_steps <= steps:
         raise ConfigError(
@@ -72,6 +76,10 @@ def adamw(
     >>> updates, _ = jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)
     >>> [round(float(x), 6) for x in (updates["w"][0, 0], updates["b"][0])]  # -0.01 - 0.01 * 0.1
     [-0.011, 0.01]
+
+    References: Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization, arXiv:1711.05101;
+    Kingma & Ba 2015, Adam: A Method for Stochastic Optimization, arXiv:1412.6980; clipping: Pascanu
+    et al. 2013, On the Difficulty of Training Recurrent Neural Networks, arXiv:1211.5063.
     """
     schedule = learning_rate_schedule(learning_rate, steps, warmup_steps, end_factor)
     decay_matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)

@@ -414,6 +414,9 @@ def parse_merge_config(
     jaxcombine.errors.ConfigError: merge_method: unknown merge method 'tiez'
       How to fix: did you mean 'ties'?
     >>> tmp.cleanup()
+
+    References: Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models,
+    arXiv:2403.13257 (the configuration format).
     """
     _check_keys(raw, TOP_LEVEL_KEYS, "config")
     method = raw.get("merge_method")

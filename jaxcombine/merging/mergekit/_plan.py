@@ -532,6 +532,9 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     (3, 'merge_method: passthrough')
     >>> plan.close()
     >>> tmp.cleanup()
+
+    References: Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models,
+    arXiv:2403.13257 (its ``MergePlanner``).
     """
     from jaxcombine.merging._registry import SPECS
 

@@ -328,6 +328,9 @@ def run_merge(
     >>> json.loads((root / "merged" / "config.json").read_text())["torch_dtype"]
     'bfloat16'
     >>> tmp.cleanup()
+
+    References: Goddard et al. 2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models,
+    arXiv:2403.13257.
     """
     start = time.perf_counter()
     max_bytes = parse_size(out_shard_size)

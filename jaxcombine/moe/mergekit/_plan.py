@@ -230,6 +230,10 @@ def plan_moe(config: MoEMergeConfig, *, allow_all_same: bool = False) -> MoEPlan
     model.layers.0.block_sparse_moe.experts.0.w1.weight   6x4  <- code:model.layers.0.mlp...
     ...
     >>> plan.close(); tmp.cleanup()
+
+    References: mergekit-moe, part of MergeKit (Goddard et al. 2024, Arcee's MergeKit: A Toolkit for
+    Merging Large Language Models, arXiv:2403.13257); the output is a Mixtral: Jiang et al. 2024,
+    Mixtral of Experts, arXiv:2401.04088.
     """
     if (
         config.gate_mode in PROMPT_MODES

@@ -114,6 +114,9 @@ def cheap_embed_rows(embedding: np.ndarray, prompt_ids, num_layers: int) -> np.n
     >>> print(rows.shape, rows[1])
     (2, 2, 2) [[ 1.      0.    ]
      [-0.5257  0.8507]]
+
+    References: mergekit-moe's gate modes (no paper of their own), part of MergeKit (Goddard et al.
+    2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257).
     """
     embedding = np.asarray(embedding, np.float32)
 
@@ -205,6 +208,9 @@ def hidden_rows(model, prompt_ids, *, average: bool = False) -> np.ndarray:
     >>> v = h[:, 0] - h[:, 1]                        # expert 0: positive minus negative
     >>> rows.shape, np.allclose(rows[:, 0], v / np.linalg.norm(v, axis=-1, keepdims=True))
     ((2, 2, 8), True)
+
+    References: mergekit-moe's gate modes (no paper of their own), part of MergeKit (Goddard et al.
+    2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257).
     """
     flat = [ids for positive, negative in prompt_ids for ids in (*positive, *negative)]
     states = layer_input_states(model, flat, average=average)  # [L, P, E]
@@ -253,6 +259,9 @@ def router_rows(plan: MoEPlan, *, seed: int = 0) -> np.ndarray:
     >>> rows = router_rows(plan, seed=0)
     >>> rows.shape, bool(np.all(np.abs(rows) <= 0.25))                # [L, X, E], 1 / sqrt(16)
     ((2, 2, 16), True)
+
+    References: mergekit-moe's gate modes (no paper of their own), part of MergeKit (Goddard et al.
+    2024, Arcee's MergeKit: A Toolkit for Merging Large Language Models, arXiv:2403.13257).
     """
     import jax
 

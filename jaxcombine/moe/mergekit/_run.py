@@ -91,6 +91,10 @@ def run_moe(
     >>> json.loads((root / "moe" / "config.json").read_text())["num_local_experts"]
     2
     >>> tmp.cleanup()
+
+    References: mergekit-moe, part of MergeKit (Goddard et al. 2024, Arcee's MergeKit: A Toolkit for
+    Merging Large Language Models, arXiv:2403.13257); the output is a Mixtral: Jiang et al. 2024,
+    Mixtral of Experts, arXiv:2401.04088.
     """
     from tqdm.auto import tqdm
 
