@@ -77,8 +77,11 @@ def distributions(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
 
 
-def draw(key, probs: jax.Array) -> jax.Array:
-    """A token per row of ``probs`` [..., V]."""
+def draw(key, probs: jax.Array, sampling: Sampling) -> jax.Array:
+    """A token per row of ``probs`` [..., V]: its argmax when greedy (every
+    distribution is then one-hot, or a residual that is one-hot), else a sample."""
+    if sampling.greedy:
+        return jnp.argmax(probs, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, jnp.log(probs)).astype(jnp.int32)
 
 
@@ -125,7 +128,7 @@ def speculative_loop(
             cache, token = carry
             logits, cache = draft(draft_params, token[:, None], jnp.ones((B, 1), bool), cache)
             q = distributions(logits[:, -1], sampling)  # [B, V]
-            proposal = draw(step_key, q)
+            proposal = draw(step_key, q, sampling)
             return (cache, proposal), (proposal, q)
 
         (cache, _), (proposals, q) = jax.lax.scan(
@@ -151,7 +154,7 @@ def speculative_loop(
         q_a = jnp.take_along_axis(q_ext, accepted[:, None, None], axis=1)[:, 0]
         residual = jnp.maximum(p_a - q_a, 0.0)
         residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
-        fix = draw(fix_key, residual)  # [B]
+        fix = draw(fix_key, residual, sampling)  # [B]
         # d_1..d_a, then the correction (or bonus) token: [B, g + 1]
         padded = jnp.pad(drafts, ((0, 0), (0, 1)))
         emitted = jnp.where(positions < accepted[:, None], padded, fix[:, None])
@@ -175,7 +178,7 @@ def speculative_loop(
         )  # fmt: skip
 
     key, first_key = jax.random.split(key)
-    first = draw(first_key, distributions(first_logits, sampling))  # [B]
+    first = draw(first_key, distributions(first_logits, sampling), sampling)  # [B]
     done = jnp.isin(first, eos_ids) | (N <= 1)
     start = _SpecState(
         tokens=jnp.full((B, N + g + 1), pad_id, jnp.int32).at[:, 0].set(first),

@@ -94,14 +94,14 @@ def upcycle(
     if config.model_type in ("llama", "mistral") and config.has_mixtral_moe:
         config = config.replace(model_type="mixtral")
     dtype = model.embed_tokens.embedding.get_value().dtype
-    upcycled = Decoder(config, dtype=dtype, rngs=nnx.Rngs(0))  # every value replaced below
+    # Shapes only: every value is copied or drawn below, so nothing is initialised twice.
+    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, target = nnx.split(abstract, nnx.Param)
     copied = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    target = nnx.state(upcycled, nnx.Param)
     flat = []
     for path, variable in nnx.to_flat_state(target):
         flat.append((path, variable.replace(_initial_value(path, variable, copied, rngs))))
-    nnx.update(upcycled, nnx.from_flat_state(flat))
-    return upcycled
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _initial_value(path, variable, dense_params, rngs) -> jax.Array:

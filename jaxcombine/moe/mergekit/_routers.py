@@ -3,7 +3,9 @@ gate_mode (summed embeddings, the base model's hidden states, or random)."""
 
 from __future__ import annotations
 
+import functools
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -154,16 +156,44 @@ def layer_input_states(model, prompts: list[list[int]], *, average: bool = False
     >>> mean = layer_input_states(model, [[1, 2, 3]], average=True)
     >>> np.allclose(mean[0, 0], embedding[[1, 2, 3]].mean(0))
     True
+
+    Another model of the same architecture reuses the compiled program:
+
+    >>> compiled = _layer_inputs_program()._cache_size()
+    >>> _ = layer_input_states(Decoder(config, rngs=nnx.Rngs(1)), [[1, 2, 3], [4, 5]])
+    >>> _layer_inputs_program()._cache_size() == compiled
+    True
     """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    run = _layer_inputs_program()
+    num_layers = len(model.layers)
+    out = []
+    for start in range(0, len(prompts), _HIDDEN_BATCH):
+        batch = prompts[start : start + _HIDDEN_BATCH]
+        T = max(len(p) for p in batch)
+        T = 1 << (T - 1).bit_length() if T > 16 else 16  # a few compiled lengths
+        tokens = np.zeros((_HIDDEN_BATCH, T), np.int32)
+        lengths = np.ones(_HIDDEN_BATCH, np.int32)
+        for j, p in enumerate(batch):
+            tokens[j, : len(p)] = p
+            lengths[j] = len(p)
+        states = run(graphdef, state, tokens, lengths, num_layers=num_layers, average=average)
+        out.append(np.asarray(states)[:, : len(batch)])
+    return np.concatenate(out, axis=1)
+
+
+@functools.cache
+def _layer_inputs_program():
+    """One jitted program for every call of :func:`layer_input_states` (the model's
+    graph is a static argument: models of one architecture share the compilations)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    graphdef, state = nnx.split(model)
-    num_layers = len(model.layers)
-
-    @jax.jit
-    def run(state, tokens, lengths):
+    @partial(jax.jit, static_argnames=("graphdef", "num_layers", "average"))
+    def run(graphdef, state, tokens, lengths, *, num_layers, average):
         T = tokens.shape[1]
         mask = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
         net = nnx.merge(graphdef, state)
@@ -178,18 +208,7 @@ def layer_input_states(model, prompts: list[list[int]], *, average: bool = False
             return (xs * mask[None, :, :, None]).sum(2) / lengths[None, :, None]
         return jnp.take_along_axis(xs, (lengths - 1)[None, :, None, None], axis=2)[:, :, 0]
 
-    out = []
-    for start in range(0, len(prompts), _HIDDEN_BATCH):
-        batch = prompts[start : start + _HIDDEN_BATCH]
-        T = max(len(p) for p in batch)
-        T = 1 << (T - 1).bit_length() if T > 16 else 16  # a few compiled lengths
-        tokens = np.zeros((_HIDDEN_BATCH, T), np.int32)
-        lengths = np.ones(_HIDDEN_BATCH, np.int32)
-        for j, p in enumerate(batch):
-            tokens[j, : len(p)] = p
-            lengths[j] = len(p)
-        out.append(np.asarray(run(state, tokens, lengths))[:, : len(batch)])
-    return np.concatenate(out, axis=1)
+    return run
 
 
 def hidden_rows(model, prompt_ids, *, average: bool = False) -> np.ndarray:
