@@ -15,7 +15,7 @@ from flax import nnx
 from jaxcombine import merging
 from jaxcombine.data import PackedDataset
 from jaxcombine.tour import tasks
-from jaxcombine.tour.fit import fit
+from jaxcombine.tour.fit import fit, stack_on_host
 from jaxcombine.tour.lm import init_members, small_decoder
 from jaxcombine.tour.sections import task_arithmetic as ta
 from jaxcombine.training import adamw
@@ -112,7 +112,7 @@ def test_scorer_equals_model_by_model_accuracy(trained):
                           [5, 6])[1]  # fmt: skip
     models = [params, ta.take(others, 0), ta.take(others, 1)]
     rows = {t: _rows(t, 50, seed=11)[1] for t in ("copy", "reverse")}
-    scores = ta.Scorer(graphdef, rows)(ta.stack(models))  # 3 models, groups of 8
+    scores = ta.Scorer(graphdef, rows)(stack_on_host(models))  # 3 models, groups of 8
     for model, score in zip(models, scores, strict=True):
         for task, task_rows in rows.items():
             expected = np.asarray(ta.answer_hits(graphdef, model, task_rows)).mean()

@@ -134,7 +134,7 @@ def fit(
         members = list(zip(datasets, seeds, strict=True))
         batches = [[d.batch(t, batch_size, seed, bootstrap=bootstrap) for d, seed in members]
                    for t in span]  # fmt: skip
-        batches = _stack_host([_stack_host(members) for members in batches])
+        batches = stack_on_host([stack_on_host(members) for members in batches])
         span_array = jnp.asarray(np.arange(done, stop), jnp.uint32)
         (state, average), chunk_losses = run_chunk(
             (state, average), batches, span_array, seeds_array, constants
@@ -150,6 +150,7 @@ def fit(
     return FitResult(state["params"], np.concatenate(losses).T, snapshots, average)
 
 
-def _stack_host(items: Sequence[Any]) -> Any:
-    """Host batches -> one batch with a new leading axis (numpy, no device copies)."""
+def stack_on_host(items: Sequence[Any]) -> Any:
+    """Pytrees (batches, parameters) stacked on a new leading axis on the host (numpy):
+    no device copies, and no eager device op compiled per leaf shape."""
     return jax.tree.map(lambda *xs: np.stack(xs), *items)

@@ -101,7 +101,7 @@ from flax import nnx
 from jaxcombine import merging
 from jaxcombine.data import PackedDataset
 from jaxcombine.tour import tasks
-from jaxcombine.tour.fit import fit
+from jaxcombine.tour.fit import fit, stack_on_host
 from jaxcombine.tour.lm import init_members, small_decoder
 from jaxcombine.tour.report import Claim, Section, Table
 from jaxcombine.training import adamw, token_cross_entropy
@@ -157,12 +157,6 @@ ADAMERGING_LEARNING_RATE = 1e-2
 
 
 # ----------------------------------------------------------------------------- host pytrees
-
-
-def stack(trees: Sequence[Any]) -> Any:
-    """Parameter pytrees stacked on a new leading axis, on the host (numpy): eager
-    device ops would compile one program per leaf shape."""
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
 def take(stacked: Any, index: int) -> Any:
@@ -539,7 +533,8 @@ class Merges:
 
     def __call__(self, base, fine_tunes, data: TaskData, val: Scorer, seed: int):
         """``{method: Merge}``; scales chosen on ``val``."""
-        individual_val = {t: a[t] for t, a in zip(TASK_NAMES, val(stack(fine_tunes)), strict=True)}
+        scores = val(stack_on_host(fine_tunes))
+        individual_val = {t: a[t] for t, a in zip(TASK_NAMES, scores, strict=True)}
         merged = self.data_free(base, fine_tunes)  # a jitted dict comes back key-sorted
         merges = {name: Merge(merged[name]) for name in DATA_FREE}
         scales = {}
@@ -572,7 +567,7 @@ class Merges:
 def negations(base, fine_tunes, val: Scorer) -> dict[str, Negation]:
     """``{task: Negation}``: theta_0 - lambda tau_t with lambda chosen on ``val`` by
     :func:`negation_scale`."""
-    (base_val,) = val(stack([base]))
+    (base_val,) = val(stack_on_host([base]))
     out = {}
     for name, fine_tune in zip(TASK_NAMES, fine_tunes, strict=True):
         candidates = scaled_edits(base, fine_tune, -np.asarray(NEGATION_SCALES, np.float32))
@@ -593,7 +588,7 @@ def replicate(base, fine_tunes, data, merger: Merges, val: Scorer, test: Scorer,
               **{f"fine-tuned on {t}": p for t, p in zip(TASK_NAMES, fine_tunes, strict=True)},
               **{name: m.params for name, m in merges.items()},
               **{f"negated {t}": n.params for t, n in negated.items()}}  # fmt: skip
-    accuracy = dict(zip(models, test(stack(list(models.values()))), strict=True))
+    accuracy = dict(zip(models, test(stack_on_host(list(models.values()))), strict=True))
     return accuracy, merges, negated
 
 
